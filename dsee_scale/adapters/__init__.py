@@ -1,0 +1,15 @@
+"""The DSEE adapter: sparse + low-rank updates of frozen Linear / Conv1D weights."""
+from .config import DEFAULT_TARGETS, DSEEConfig
+from .delta import SparseLowRankDelta, sparse_matmul
+from .inject import (Target, adapter_state_dict, compute_supports, dsee_layers,
+                     expected_trainable_count, inject, load_adapter, merge, resolve_targets,
+                     save_adapter, supports_of, trainable_parameter_count, unmerge)
+from .layer import DSEELayer
+from .support import METHODS as SUPPORT_METHODS, select_supports
+
+__all__ = [
+    "DEFAULT_TARGETS", "DSEEConfig", "DSEELayer", "SparseLowRankDelta", "SUPPORT_METHODS", "Target",
+    "adapter_state_dict", "compute_supports", "dsee_layers", "expected_trainable_count", "inject",
+    "load_adapter", "merge", "resolve_targets", "save_adapter", "select_supports", "sparse_matmul",
+    "supports_of", "trainable_parameter_count", "unmerge",
+]

@@ -1,0 +1,65 @@
+"""DSEEConfig: what to inject, where, and how the sparse support is chosen."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..errors import ConfigError
+
+SupportMethod = Literal["grebsmo", "svd", "magnitude", "random"]
+
+# Where "q and v of every attention layer" lives in each architecture (PEFT's default too).
+DEFAULT_TARGETS = {
+    "gpt2": ["c_attn:q", "c_attn:v"],
+    "llama": ["q_proj", "v_proj"],
+}
+
+
+@dataclass
+class DSEEConfig:
+    """The `dsee:` section of an experiment.
+
+    target_modules: module-name patterns (fnmatch; "q_proj" matches any module whose name ends
+    in ".q_proj"). A fused q/k/v projection (GPT-2 c_attn) is targeted per slice with ":q",
+    ":k" or ":v". Empty means the architecture's q and v (DEFAULT_TARGETS).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    num_sparse: int = 64  # N: non-zeros of S per targeted matrix (or slice)
+    target_modules: list[str] = None  # type: ignore[assignment]
+    support: SupportMethod = "grebsmo"
+    seed: int = 0
+    dropout: float = 0.0
+    init_a: Literal["kaiming", "normal"] = "kaiming"
+    grebsmo_rounds: int = 100
+    grebsmo_threshold: float = 0.01
+    svd_rank: int = 16
+
+    def __post_init__(self):
+        if self.target_modules is None:
+            self.target_modules = []
+
+    def validate(self, section: str = "dsee") -> None:
+        if self.r <= 0:
+            raise ConfigError(f"{section}.r: got {self.r}, must be an integer >= 1")
+        if self.alpha <= 0:
+            raise ConfigError(f"{section}.alpha: got {self.alpha}, must be > 0")
+        if self.num_sparse < 0:
+            raise ConfigError(f"{section}.num_sparse: got {self.num_sparse}, must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{section}.dropout: got {self.dropout}, must be in [0, 1)")
+        if self.grebsmo_rounds < 1:
+            raise ConfigError(f"{section}.grebsmo_rounds: got {self.grebsmo_rounds}, must be >= 1")
+        if self.grebsmo_threshold < 0:
+            raise ConfigError(f"{section}.grebsmo_threshold: must be >= 0")
+        if self.svd_rank < 1:
+            raise ConfigError(f"{section}.svd_rank: got {self.svd_rank}, must be >= 1")
+        for pat in self.target_modules:
+            if not pat or pat.count(":") > 1 or (":" in pat and pat.split(":")[1] not in ("q", "k", "v")):
+                raise ConfigError(
+                    f"{section}.target_modules: bad pattern {pat!r}; use a module name pattern, "
+                    "optionally with :q, :k or :v for a fused qkv projection")
+
+    def scaling(self) -> float:
+        return self.alpha / self.r

@@ -1,0 +1,89 @@
+"""DSEELayer: a frozen nn.Linear or GPT-2 Conv1D plus one DSEE update per targeted output slice.
+
+A plain projection (LLaMA q_proj) has one slice, "full". GPT-2's fused c_attn holds q, k and v
+as three equal output slices; "q and v" puts an update on slices "q" and "v" only.
+The base weight is always read as out x in (`weight_out_in`), whatever the layer stores
+(Conv1D stores in x out).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .delta import SparseLowRankDelta
+
+FULL = "full"
+FUSED_QKV = ("q", "k", "v")
+
+
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or Conv1D; reads ds_shape under ZeRO-3."""
+    w = layer.weight
+    shape = tuple(getattr(w, "ds_shape", w.shape))
+    if isinstance(layer, Conv1D):
+        return shape[0], shape[1]
+    return shape[1], shape[0]
+
+
+def slice_bounds(layer: nn.Module, slice_name: str) -> tuple[int, int]:
+    """Output rows [lo, hi) of a named slice: "full", or q/k/v of a fused qkv layer."""
+    _, out = layer_dims(layer)
+    if slice_name == FULL:
+        return 0, out
+    i = FUSED_QKV.index(slice_name)
+    width = out // 3
+    return i * width, (i + 1) * width
+
+
+def weight_out_in(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as out x in (a view for Linear, a transpose for Conv1D)."""
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
+class DSEELayer(nn.Module):
+    """y = base(x) + sum over slices s of (alpha/r)(B_s A_s x + S_s x) written to rows of s."""
+
+    def __init__(self, base_layer: nn.Module, deltas: dict[str, SparseLowRankDelta]):
+        super().__init__()
+        self.base_layer = base_layer
+        self.dsee = nn.ModuleDict(deltas)
+        self.merged = False
+
+    @property
+    def weight(self):  # transformers code sometimes reads module.weight (dtype checks)
+        return self.base_layer.weight
+
+    def bounds(self, name: str) -> tuple[int, int]:
+        return slice_bounds(self.base_layer, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        for name, delta in self.dsee.items():
+            lo, hi = self.bounds(name)
+            d = delta(x).to(y.dtype)
+            if hi - lo == y.shape[-1]:
+                y = y + d
+            else:  # addmm does not keep its output for backward, so adding in place is safe
+                y.narrow(-1, lo, hi - lo).add_(d)
+        return y
+
+    @torch.no_grad()
+    def _fold(self, sign: float) -> None:
+        w = weight_out_in(self.base_layer)
+        for name, delta in self.dsee.items():
+            lo, hi = self.bounds(name)
+            w[lo:hi] += sign * delta.delta_weight().to(w.dtype)
+
+    def merge(self) -> None:
+        """W <- W + (alpha/r)(BA + S), exactly, for every slice; forward then uses W alone."""
+        if not self.merged:
+            self._fold(+1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._fold(-1.0)
+            self.merged = False

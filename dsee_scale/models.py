@@ -1,0 +1,96 @@
+"""Loading the base model: a local HF directory, a GGUF file, or a config for random weights."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+from .errors import ConfigError, UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """The `model:` section. Exactly one of path / gguf_file / config."""
+
+    path: Optional[str] = None  # a local Hugging Face model directory
+    gguf_file: Optional[str] = None  # a .gguf file (dequantized on load; needs `gguf`)
+    config: Optional[dict[str, Any]] = None  # transformers config kwargs incl. model_type
+    tokenizer: Optional[str] = None  # a tokenizer directory, if not beside the model
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0  # for random weights
+
+    def validate(self, section: str = "model") -> None:
+        given = [k for k in ("path", "gguf_file", "config") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"{section}: give exactly one of path, gguf_file, config "
+                              f"(got {', '.join(given) or 'none'})")
+        for key in ("path", "gguf_file", "tokenizer"):
+            value = getattr(self, key)
+            if value is not None and not Path(value).exists():
+                raise ConfigError(f"{section}.{key}: {value!r} does not exist")
+        if self.gguf_file is not None and not Path(self.gguf_file).is_file():
+            raise ConfigError(f"{section}.gguf_file: {self.gguf_file!r} is not a file")
+        if self.config is not None and "model_type" not in self.config:
+            raise ConfigError(f"{section}.config: needs a model_type (e.g. gpt2, llama)")
+
+
+def build_config(cfg: ModelConfig):
+    from transformers import AutoConfig
+
+    kwargs = dict(cfg.config)
+    model_type = kwargs.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.config: {e}") from None
+
+
+def load_model(cfg: ModelConfig):
+    """The causal LM described by cfg, on CPU, in cfg.dtype (frozen weights stay in it)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.config is not None:
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(build_config(cfg), dtype=dtype)
+        return model
+    if cfg.path is not None:
+        try:
+            return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.path: cannot load {cfg.path!r}: {e}") from None
+    gguf = Path(cfg.gguf_file)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=dtype)
+    except Exception as e:  # the gguf reader raises many kinds on a corrupt file
+        raise UserError(f"model.gguf_file: {str(gguf)!r} is not a readable GGUF model: "
+                        f"{type(e).__name__}: {e}") from None
+    # Dequantized on load; the gguf quantization_config would block save_pretrained later.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return model
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer, or None for a random model without a tokenizer directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        if cfg.tokenizer is not None:
+            return AutoTokenizer.from_pretrained(cfg.tokenizer)
+        if cfg.path is not None:
+            return AutoTokenizer.from_pretrained(cfg.path)
+        if cfg.gguf_file is not None:
+            g = Path(cfg.gguf_file)
+            return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model: cannot load a tokenizer: {e}") from None
+    return None

@@ -1,0 +1,119 @@
+"""The DSEE layer against a dense reference W + (alpha/r)(BA + dense(S))."""
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from dsee_scale.adapters.delta import SparseLowRankDelta
+from dsee_scale.adapters.layer import DSEELayer, weight_out_in
+
+IN, OUT, R, ALPHA, N = 24, 30, 4, 8.0, 17
+
+
+def make_layer(kind: str, slices=("full",)):
+    torch.manual_seed(0)
+    out = OUT * (3 if slices != ("full",) else 1)
+    base = nn.Linear(IN, out) if kind == "linear" else Conv1D(out, IN)
+    with torch.no_grad():
+        base.weight.normal_()
+        base.bias.normal_()
+    base.requires_grad_(False)
+    deltas = {}
+    for i, s in enumerate(slices):
+        g = torch.Generator().manual_seed(10 + i)
+        flat = torch.randperm(OUT * IN, generator=g)[:N].sort().values
+        d = SparseLowRankDelta(IN, OUT, R, ALPHA, torch.stack([flat // IN, flat % IN]))
+        d.reset_parameters(g)
+        with torch.no_grad():
+            d.lora_B.normal_(generator=g)
+            d.sparse_values.normal_(generator=g)
+        deltas[s] = d
+    return DSEELayer(base, deltas)
+
+
+def dense_reference(layer: DSEELayer, x: torch.Tensor):
+    """The paper's formula with dense tensors: y = W x + b + (alpha/r)(B A x + S x)."""
+    W = weight_out_in(layer.base_layer).detach().clone()
+    params = {}
+    full = W.clone()
+    for name, d in layer.dsee.items():
+        lo, hi = layer.bounds(name)
+        A = d.lora_A.detach().clone().requires_grad_()
+        B = d.lora_B.detach().clone().requires_grad_()
+        S = torch.zeros(OUT, IN)
+        S[d.sparse_index[0], d.sparse_index[1]] = d.sparse_values.detach()
+        S.requires_grad_()
+        params[name] = (A, B, S)
+        full = full.clone()
+        full[lo:hi] = full[lo:hi] + d.scaling * (B @ A + S)
+    y = x @ full.T + layer.base_layer.bias
+    return y, params
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("slices", [("full",), ("q", "v")])
+def test_forward_and_gradients_match_dense_reference(kind, slices):
+    layer = make_layer(kind, slices)
+    x = torch.randn(3, 5, IN, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y_ref, params = dense_reference(layer, x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    (y_ref * w).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    for name, d in layer.dsee.items():
+        A, B, S = params[name]
+        torch.testing.assert_close(d.lora_A.grad, A.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(d.lora_B.grad, B.grad, rtol=1e-4, atol=1e-4)
+        rows, cols = d.sparse_index
+        # our N-vector gradient is exactly the dense gradient of S at the support ...
+        torch.testing.assert_close(d.sparse_values.grad, S.grad[rows, cols], rtol=1e-4, atol=1e-4)
+        # ... and the dense S gradient is non-zero off the support: a dense S would train there.
+        off = torch.ones_like(S.grad, dtype=torch.bool)
+        off[rows, cols] = False
+        assert S.grad[off].abs().sum() > 0
+    assert layer.base_layer.weight.grad is None  # frozen
+
+
+def test_no_dense_out_by_in_tensor_in_autograd_graph():
+    """S x never saves a dense out x in tensor for backward (mask, dense S or its gradient)."""
+    layer = make_layer("linear")
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    x = torch.randn(2, 3, IN, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer.dsee["full"](x).sum().backward()
+    assert saved, "the hook saw no saved tensors"
+    assert all(s != (OUT, IN) and s != (IN, OUT) for s in saved), saved
+    assert max(int(torch.tensor(s).prod()) for s in saved) < OUT * IN
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("slices", [("full",), ("q", "v")])
+def test_merge_then_unmerge(kind, slices):
+    layer = make_layer(kind, slices)
+    x = torch.randn(4, IN)
+    w0 = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        y = layer(x)
+        layer.merge()
+        assert layer.merged
+        y_merged = layer(x)
+        layer.unmerge()
+    torch.testing.assert_close(y_merged, y, rtol=1e-4, atol=1e-4)
+    assert (layer.base_layer.weight - w0).abs().max() <= 1e-6
+    torch.testing.assert_close(layer(x), y)
+
+
+def test_update_is_zero_at_init():
+    d = SparseLowRankDelta(IN, OUT, R, ALPHA, torch.zeros(2, N, dtype=torch.long))
+    d.reset_parameters(torch.Generator().manual_seed(0))
+    assert d(torch.randn(3, IN)).abs().max() == 0
+    assert d.lora_A.abs().sum() > 0
