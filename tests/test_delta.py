@@ -117,3 +117,15 @@ def test_update_is_zero_at_init():
     d.reset_parameters(torch.Generator().manual_seed(0))
     assert d(torch.randn(3, IN)).abs().max() == 0
     assert d.lora_A.abs().sum() > 0
+
+
+def test_fused_update_passes_gradcheck():
+    from dsee_scale.adapters.delta import sparse_low_rank_update
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    A = torch.randn(2, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    values = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    index = torch.tensor([[0, 0, 1, 3, 4, 4], [0, 6, 2, 2, 1, 5]])
+    assert torch.autograd.gradcheck(lambda *t: sparse_low_rank_update(*t, index, 1.5), (x, A, B, values))

@@ -1,6 +1,6 @@
 """The DSEE adapter: sparse + low-rank updates of frozen Linear / Conv1D weights."""
 from .config import DEFAULT_TARGETS, DSEEConfig
-from .delta import SparseLowRankDelta, sparse_matmul
+from .delta import SparseLowRankDelta, sparse_low_rank_update
 from .inject import (Target, adapter_state_dict, compute_supports, dsee_layers,
                      expected_trainable_count, inject, load_adapter, merge, resolve_targets,
                      save_adapter, supports_of, trainable_parameter_count, unmerge)
@@ -10,6 +10,6 @@ from .support import METHODS as SUPPORT_METHODS, select_supports
 __all__ = [
     "DEFAULT_TARGETS", "DSEEConfig", "DSEELayer", "SparseLowRankDelta", "SUPPORT_METHODS", "Target",
     "adapter_state_dict", "compute_supports", "dsee_layers", "expected_trainable_count", "inject",
-    "load_adapter", "merge", "resolve_targets", "save_adapter", "select_supports", "sparse_matmul",
+    "load_adapter", "merge", "resolve_targets", "save_adapter", "select_supports", "sparse_low_rank_update",
     "supports_of", "trainable_parameter_count", "unmerge",
 ]

@@ -6,8 +6,9 @@ A (r x in) and B (out x r) are the low-rank factors; S is sparse with N non-zero
 support Omega chosen from W before tuning. Only A, B and the N values of S train.
 
 S is stored compactly: `sparse_values` (N, trainable) and `sparse_index` (2 x N: rows, cols,
-a buffer). S x is computed by gather / index_add, so forward and backward cost O(tokens x N)
-and no dense out x in tensor ever exists for S, its mask or its gradient. (The authors keep a
+a buffer). S x is computed by gather / index_add inside one autograd Function with the low-rank
+product, so S costs O(tokens x N) forward and backward and no dense out x in tensor ever
+exists for S, its mask or its gradient. (The authors keep a
 dense S and a mask; that makes S's gradient and optimizer state O(out x in).)
 """
 from __future__ import annotations
@@ -18,30 +19,45 @@ import torch
 from torch import nn
 
 
-class _SparseMatmul(torch.autograd.Function):
-    """out[..., rows[i]] += values[i] * x[..., cols[i]]  (S x with S in coordinate form)."""
+class _SparseLowRankUpdate(torch.autograd.Function):
+    """delta = (alpha/r) (B A x + S x) in one pass, with S in coordinate form (values, rows, cols).
+
+    Forward:  h = A x;  delta = (s B) h;  delta[..., rows[i]] += s values[i] x[..., cols[i]]
+    Backward: with g = dL/d delta,
+      dB = s g^T h,  dh = s g B,  dA = dh^T x,
+      dvalues[i] = s sum_tokens g[..., rows[i]] x[..., cols[i]]     (N numbers, never out x in)
+      dx = dh A,  dx[..., cols[i]] += s values[i] g[..., rows[i]]
+    It saves x and h (as LoRA does) and touches S only through its N coordinates.
+    """
 
     @staticmethod
-    def forward(ctx, x, values, rows, cols, out_features: int):
-        ctx.save_for_backward(x, values, rows, cols)
-        out = x.new_zeros(*x.shape[:-1], out_features)
-        return out.index_add_(-1, rows, x.index_select(-1, cols) * values)
+    def forward(ctx, x, A, B, values, rows, cols, scaling: float):
+        h = x @ A.t()
+        delta = h @ (B * scaling).t()
+        delta.index_add_(-1, rows, x.index_select(-1, cols) * (values * scaling))
+        ctx.save_for_backward(x, h, A, B, values, rows, cols)
+        ctx.scaling = scaling
+        return delta
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, values, rows, cols = ctx.saved_tensors
-        g = grad_out.index_select(-1, rows)  # (..., N): the only gradient entries S touches
-        grad_x = grad_values = None
+    def backward(ctx, g):
+        x, h, A, B, values, rows, cols = ctx.saved_tensors
+        s = ctx.scaling
+        g_rows = g.index_select(-1, rows)  # (..., N): the only entries of g that S sees
+        dh = g @ (B * s)
+        dA = dh.reshape(-1, dh.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        dB = s * (g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1]))
+        dvalues = s * (g_rows * x.index_select(-1, cols)).reshape(-1, values.numel()).sum(0)
+        dx = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.zeros_like(x).index_add_(-1, cols, g * values)
-        if ctx.needs_input_grad[1]:
-            grad_values = (g * x.index_select(-1, cols)).reshape(-1, values.numel()).sum(0)
-        return grad_x, grad_values, None, None, None
+            dx = (dh @ A).index_add_(-1, cols, g_rows * (values * s))
+        return dx, dA, dB, dvalues, None, None, None
 
 
-def sparse_matmul(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, out_features: int):
-    """S x for S given as (values, index=[rows; cols]); x is (..., in)."""
-    return _SparseMatmul.apply(x, values.to(x.dtype), index[0], index[1], out_features)
+def sparse_low_rank_update(x, A, B, values, index, scaling: float) -> torch.Tensor:
+    """(alpha/r)(B A x + S x) for S = (values at index=[rows; cols]); x is (..., in)."""
+    return _SparseLowRankUpdate.apply(x, A.to(x.dtype), B.to(x.dtype), values.to(x.dtype),
+                                      index[0], index[1], scaling)
 
 
 class SparseLowRankDelta(nn.Module):
@@ -76,10 +92,8 @@ class SparseLowRankDelta(nn.Module):
             self.sparse_values.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x)
-        low_rank = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)  # B A x
-        sparse = sparse_matmul(x, self.sparse_values, self.sparse_index, self.out_features)  # S x
-        return self.scaling * (low_rank + sparse)
+        return sparse_low_rank_update(self.dropout(x), self.lora_A, self.lora_B,
+                                      self.sparse_values, self.sparse_index, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense out x in update (alpha / r)(B A + S): for merging and export only."""
