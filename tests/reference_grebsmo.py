@@ -1,14 +1,14 @@
 """A literal, slow GreBsmo, line by line as DSEE_METHOD.md states it: the test oracle.
 
-One deviation shared with dsee_scale's implementation: V stops growing before its rank
-reaches min(out, in), where U V would reproduce W - S exactly and S would vanish.
+One addition shared with dsee_scale's implementation: V stops growing once its rank would pass
+rank_fraction x min(out, in) (see dsee_scale/adapters/support.py for why).
 """
 import torch
 
 from dsee_scale.adapters.support import initial_v
 
 
-def grebsmo_reference(W, seed, rounds=100, threshold=0.01):
+def grebsmo_reference(W, seed, rounds=100, threshold=0.01, rank_fraction=0.65):
     U = torch.randn(W.shape[0], 1)  # noqa: F841  (the method's U init; the first QR overwrites it)
     V = initial_v(W.shape[1], seed).to(W.dtype)
     for _ in range(rounds):
@@ -19,8 +19,8 @@ def grebsmo_reference(W, seed, rounds=100, threshold=0.01):
             S = W - U @ V
             S[S.abs() < threshold] = 0
         E = W - U @ V - S
-        if V.shape[0] + 5 >= min(W.shape):
-            continue  # (shared deviation) no more growth
+        if V.shape[0] + 5 > max(1, int(rank_fraction * min(W.shape))):
+            continue  # (shared addition) no more growth
         R = torch.linalg.qr(E, mode="reduced").R
         V = torch.cat([V, R[:5]])
     return S

@@ -34,6 +34,7 @@ class DSEEConfig:
     init_a: Literal["kaiming", "normal"] = "kaiming"
     grebsmo_rounds: int = 100
     grebsmo_threshold: float = 0.01
+    grebsmo_rank_fraction: float = 0.65  # V stops growing at this fraction of min(out, in)
     svd_rank: int = 16
 
     def __post_init__(self):
@@ -53,6 +54,9 @@ class DSEEConfig:
             raise ConfigError(f"{section}.grebsmo_rounds: got {self.grebsmo_rounds}, must be >= 1")
         if self.grebsmo_threshold < 0:
             raise ConfigError(f"{section}.grebsmo_threshold: must be >= 0")
+        if not 0.0 < self.grebsmo_rank_fraction <= 1.0:
+            raise ConfigError(f"{section}.grebsmo_rank_fraction: got {self.grebsmo_rank_fraction}, "
+                              "must be in (0, 1]")
         if self.svd_rank < 1:
             raise ConfigError(f"{section}.svd_rank: got {self.svd_rank}, must be >= 1")
         for pat in self.target_modules:

@@ -123,7 +123,8 @@ def compute_supports(weights: dict[str, torch.Tensor], targets: list[Target],
     return select_supports(weights, cfg.num_sparse, cfg.support,
                            {t.key: t.seed(cfg.seed) for t in targets},
                            grebsmo_rounds=cfg.grebsmo_rounds,
-                           grebsmo_threshold=cfg.grebsmo_threshold, svd_rank=cfg.svd_rank)
+                           grebsmo_threshold=cfg.grebsmo_threshold,
+                           grebsmo_rank_fraction=cfg.grebsmo_rank_fraction, svd_rank=cfg.svd_rank)
 
 
 def build_delta(model: nn.Module, t: Target, cfg: DSEEConfig, index: torch.Tensor,
