@@ -43,6 +43,9 @@ def _convert(value: Any, tp, key: str):
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message is the useful one
+            return _convert(value, real[0], key)
         for a in args:
             if a is type(None):
                 continue

@@ -1,22 +1,135 @@
-"""One experiment = one YAML file with sections; CLI `section.key=value` overrides any key."""
+"""One experiment = one YAML file with sections; CLI `section.key=value` overrides any key.
+
+    model:      ModelConfig    (models.py)
+    dsee:       DSEEConfig     (adapters/config.py)
+    data:       DataConfig     train / eval files, block size
+    train:      TrainConfig    steps, batch sizes, lr, schedule, precision, ...
+    eval:       EvalConfig
+    checkpoint: CheckpointConfig
+    deepspeed:  path of the engine JSON (ds_configs/)
+    nvme_path:  where ZeRO's NVMe offload swaps (needed by zero3_offload_nvme.json)
+    output_dir: checkpoints, TensorBoard events, logs
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
 
 from .adapters.config import DSEEConfig
 from .config import apply_overrides, from_dict, load_yaml
+from .errors import ConfigError
 from .models import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class DataConfig:
+    # local files (globs allowed): .txt, .json / .jsonl (a text field), .parquet; or the
+    # built-in source "python_stdlib" (the standard library's .py files, split by module)
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    source: Optional[Literal["python_stdlib"]] = None
+    text_field: str = "text"
+    block_size: int = 256
+    heldout_percent: int = 10  # python_stdlib: share of modules held out for eval
+    max_train_blocks: Optional[int] = None
+    max_eval_blocks: Optional[int] = None
+    cache_dir: Optional[str] = None  # tokenized blocks; default: ~/.cache/dsee_scale/data
+
+    def validate(self, section: str = "data") -> None:
+        if self.source is None and not self.train_files:
+            raise ConfigError(f"{section}: give train_files (and eval_files) or source: python_stdlib")
+        if self.block_size < 2:
+            raise ConfigError(f"{section}.block_size: got {self.block_size}, must be >= 2")
+        if not 0 < self.heldout_percent < 100:
+            raise ConfigError(f"{section}.heldout_percent: must be in 1..99")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = None  # optimizer steps; or epochs
+    epochs: Optional[float] = None
+    batch_size: int = 8  # global: micro_batch_size x ranks x accumulation
+    micro_batch_size: int = 4  # per rank, per forward
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    grad_clip: float = 1.0  # 0 disables
+    seed: int = 0
+    log_every: int = 1
+    histogram_every: int = 50
+    stop_at_step: Optional[int] = None  # end this run (with a checkpoint) at this step; the
+    # schedule still runs to max_steps, so `--resume` continues it (e.g. Slurm time slices)
+
+    def validate(self, section: str = "train") -> None:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ConfigError(f"{section}: give exactly one of max_steps, epochs")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{section}.max_steps: got {self.max_steps}, must be >= 1")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"{section}.epochs: got {self.epochs}, must be > 0")
+        for key in ("batch_size", "micro_batch_size", "log_every", "histogram_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{section}.{key}: got {getattr(self, key)}, must be >= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"{section}.batch_size: {self.batch_size} is not a multiple of "
+                              f"micro_batch_size {self.micro_batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"{section}.lr: got {self.lr}, must be > 0")
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ConfigError(f"{section}.stop_at_step: got {self.stop_at_step}, must be >= 1")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError(f"{section}: warmup_steps, grad_clip and weight_decay must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50  # optimizer steps; also at the end
+    batch_size: int = 4  # per rank
+
+    def validate(self, section: str = "eval") -> None:
+        if self.every < 1 or self.batch_size < 1:
+            raise ConfigError(f"{section}: every and batch_size must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # optimizer steps; also at the end
+    keep_last: int = 2
+
+    def validate(self, section: str = "checkpoint") -> None:
+        if self.every < 1 or self.keep_last < 1:
+            raise ConfigError(f"{section}: every and keep_last must be >= 1")
 
 
 @dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dsee: DSEEConfig = field(default_factory=DSEEConfig)
+    data: Optional[DataConfig] = None
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: str = "ds_configs/zero3.json"
+    nvme_path: Optional[str] = None
+    output_dir: str = "runs/experiment"
 
 
 def load_experiment(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
     data = apply_overrides(load_yaml(path), overrides or [])
     if "model" not in data:
-        from .errors import ConfigError
         raise ConfigError(f"{path}: the model section is required")
-    return from_dict(ExperimentConfig, data, "")
+    exp = from_dict(ExperimentConfig, data, "")
+    ds = Path(exp.deepspeed)
+    if not ds.is_file() and not ds.is_absolute() and (REPO / ds).is_file():
+        exp.deepspeed = str(REPO / ds)  # the shipped ds_configs/, from any working directory
+    elif not ds.is_file():
+        raise ConfigError(f"deepspeed: {exp.deepspeed!r} does not exist "
+                          "(ds_configs/ has zero2.json, zero3.json, zero3_offload_cpu.json, "
+                          "zero3_offload_nvme.json)")
+    return exp

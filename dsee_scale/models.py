@@ -79,18 +79,31 @@ def load_model(cfg: ModelConfig):
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(cfg: ModelConfig):
-    """The model's tokenizer, or None for a random model without a tokenizer directory."""
+    """The model's tokenizer, or None where there is none (a random model, a directory without
+    tokenizer files): the caller then uses byte-level tokens."""
     from transformers import AutoTokenizer
 
+    source = cfg.tokenizer or cfg.path
     try:
-        if cfg.tokenizer is not None:
-            return AutoTokenizer.from_pretrained(cfg.tokenizer)
-        if cfg.path is not None:
-            return AutoTokenizer.from_pretrained(cfg.path)
-        if cfg.gguf_file is not None:
+        if source is not None:
+            if not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+                if cfg.tokenizer is not None:
+                    raise ConfigError(f"model.tokenizer: {source!r} holds no tokenizer files "
+                                      f"({', '.join(TOKENIZER_FILES)})")
+                return None
+            tok = AutoTokenizer.from_pretrained(source)
+        elif cfg.gguf_file is not None:
             g = Path(cfg.gguf_file)
-            return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+            tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+        else:
+            return None
     except (OSError, ValueError) as e:
         raise UserError(f"model: cannot load a tokenizer: {e}") from None
-    return None
+    # transformers can build an empty tokenizer from a bare config: refuse it, loudly
+    if not tok("def f(): return 1")["input_ids"]:
+        raise UserError(f"model: the tokenizer of {source or cfg.gguf_file!r} produces no tokens")
+    return tok

@@ -1,0 +1,114 @@
+"""Checkpoints: DeepSpeed's own sharded save, plus what DSEE needs beside it.
+
+    <output_dir>/checkpoints/
+        latest                     tag of the newest COMPLETE checkpoint (written last, atomically)
+        step_<N>/                  engine.save_checkpoint(tag="step_<N>"): ZeRO shards per rank
+            dsee_meta.json         step, world size, data position
+            dsee_supports.safetensors   the supports (identical on every rank)
+            experiment.yaml        the experiment that wrote it
+        step_<N>_universal/        made on demand to resume on a different number of ranks
+
+The last `keep_last` checkpoints are kept. Resuming on the same number of ranks loads the tag
+directly; on another number it converts it once to a DeepSpeed universal checkpoint
+(deepspeed.checkpoint.ds_to_universal) and loads that.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ..errors import UserError
+
+META = "dsee_meta.json"
+SUPPORTS = "dsee_supports.safetensors"
+
+
+def ckpt_root(exp) -> Path:
+    return Path(exp.output_dir) / "checkpoints"
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tags(root: Path) -> list[str]:
+    found = [p.name for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)]
+    return sorted(found, key=lambda t: int(t.split("_")[1]))
+
+
+def save(engine, exp, step: int, world: int, supports: dict, rank: int) -> Path:
+    from safetensors.torch import save_file
+
+    root = ckpt_root(exp)
+    tag = f"step_{step}"
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    _barrier()  # every rank's shards are written
+    if rank == 0:
+        d = root / tag
+        save_file({k: v.contiguous() for k, v in supports.items()}, str(d / SUPPORTS))
+        (d / "experiment.yaml").write_text(yaml.safe_dump(asdict(exp), sort_keys=False))
+        _write_atomic(d / META, json.dumps({"step": step, "world_size": world, "tag": tag}))
+        _write_atomic(root / "latest", tag)  # only now is this checkpoint the one to resume
+        for old in tags(root)[: -exp.checkpoint.keep_last]:
+            shutil.rmtree(root / old, ignore_errors=True)
+            shutil.rmtree(root / f"{old}_universal", ignore_errors=True)
+    _barrier()
+    return root / tag
+
+
+def latest(exp) -> tuple[Path, str, dict]:
+    root = ckpt_root(exp)
+    f = root / "latest"
+    if not f.is_file():
+        raise UserError(f"--resume: no checkpoint in {str(root)!r} (no 'latest' file)")
+    tag = f.read_text().strip()
+    meta_path = root / tag / META
+    if not meta_path.is_file():
+        raise UserError(f"--resume: checkpoint {str(root / tag)!r} is incomplete (no {META})")
+    return root, tag, json.loads(meta_path.read_text())
+
+
+def load_supports(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = root / tag / SUPPORTS
+    if not path.is_file():
+        raise UserError(f"--resume: {str(path)!r} is missing")
+    return load_file(str(path))
+
+
+def ensure_universal(root: Path, tag: str, rank: int) -> str:
+    """Convert `tag` to a universal checkpoint once (rank 0); returns the universal tag."""
+    utag = f"{tag}_universal"
+    if rank == 0 and not (root / utag / "zero").is_dir():
+        tmp = root / f"{utag}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                            "--input_folder", str(root / tag), "--output_folder", str(tmp),
+                            "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise UserError(f"--resume: converting {tag} to a universal checkpoint failed: "
+                            f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        os.replace(tmp, root / utag)
+    _barrier()
+    return utag

@@ -1,0 +1,61 @@
+"""Who am I: rank / world discovery for every way a run is launched, in one place.
+
+- the DeepSpeed launcher and torchrun set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT;
+- Slurm `srun` (one task per process) sets SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS;
+- `python launchers/train.py` alone is rank 0 of 1 on a free local port.
+`setup_env()` fills the torch.distributed variables from whichever is present.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # "torch" (deepspeed / torchrun), "slurm" or "single"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def discover(env: dict | None = None) -> DistEnv:
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
+                       "torch")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
+        port = int(env.get("MASTER_PORT", 29500))
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
+                       int(env["SLURM_NTASKS"]), addr, port, "slurm")
+    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list such as 'node[01-04,07],gpu3' (no scontrol needed)."""
+    if not nodelist:
+        return "127.0.0.1"
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        first = rest.split(",")[0].split("-")[0].rstrip("]")
+        return prefix + first
+    return head
+
+
+def setup_env() -> DistEnv:
+    d = discover()
+    os.environ.update(RANK=str(d.rank), LOCAL_RANK=str(d.local_rank), WORLD_SIZE=str(d.world_size),
+                      MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port))
+    return d

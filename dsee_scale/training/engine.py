@@ -1,0 +1,139 @@
+"""The DeepSpeed side: fill the engine JSON from the experiment, build the partitioned model
+with DSEE injected, and create the engine."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..adapters import DSEEConfig, inject
+from ..adapters.inject import check_num_sparse, resolve_targets
+from ..errors import ConfigError
+from ..zero import distributed_supports
+
+log = logging.getLogger("dsee_scale")
+
+
+def _fill(node: dict, key: str, value, yaml_key: str, source: str) -> None:
+    """Set an "auto" value; a fixed value that disagrees with the YAML is an error."""
+    current = node.get(key, "auto")
+    if current == "auto":
+        node[key] = value
+    elif current != value:
+        raise ConfigError(f"{source}: {key}={current!r} conflicts with {yaml_key}={value!r}; "
+                          f"set it to \"auto\" or make them equal")
+
+
+def deepspeed_config(exp, world_size: int) -> dict:
+    """The engine JSON with its "auto" values filled in from the experiment YAML."""
+    path = exp.deepspeed
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"deepspeed: cannot read {path!r}: {e}") from None
+    t = exp.train
+    per_step = t.micro_batch_size * world_size
+    if t.batch_size % per_step:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not a multiple of micro_batch_size "
+                          f"x ranks = {t.micro_batch_size} x {world_size}")
+    _fill(ds, "train_batch_size", t.batch_size, "train.batch_size", path)
+    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", path)
+    _fill(ds, "gradient_accumulation_steps", t.batch_size // per_step,
+          "train.batch_size / (micro_batch_size x ranks)", path)
+    _fill(ds, "gradient_clipping", t.grad_clip, "train.grad_clip", path)
+    for name, on in (("bf16", t.precision == "bf16"), ("fp16", t.precision == "fp16")):
+        ds.setdefault(name, {})
+        _fill(ds[name], "enabled", on, "train.precision", path)
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        _fill(params, "lr", t.lr, "train.lr", path)
+        _fill(params, "weight_decay", t.weight_decay, "train.weight_decay", path)
+    zero = ds.get("zero_optimization", {})
+    for part in ("offload_optimizer", "offload_param"):
+        off = zero.get(part)
+        if off and off.get("device") == "nvme":
+            if not exp.nvme_path:
+                raise ConfigError(f"nvme_path: {path} offloads to NVMe; set nvme_path to a "
+                                  "directory on a fast local disk")
+            Path(exp.nvme_path).mkdir(parents=True, exist_ok=True)
+            _fill(off, "nvme_path", exp.nvme_path, "nvme_path", path)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_model(exp, ds: dict):
+    """The base model, partitioned while it loads under ZeRO-3 (never a full copy per rank)."""
+    from ..models import load_model
+
+    keep = None
+    if zero_stage(ds) == 3:
+        # transformers builds / loads under deepspeed.zero.Init while this object is alive
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(copy.deepcopy(ds))
+    mc = copy.copy(exp.model)
+    if exp.train.precision == "bf16":
+        mc.dtype = "bfloat16"
+    elif exp.train.precision == "fp16":
+        mc.dtype = "float16"
+    model = load_model(mc)
+    model._dsee_hf_ds_config = keep  # keep zero.Init's config alive with the model
+    return model
+
+
+def inject_distributed(model, cfg: DSEEConfig, progress=None):
+    """Supports chosen on gathered weights, spread over ranks; identical on every rank."""
+    targets = resolve_targets(model, cfg)
+    check_num_sparse(model, targets, cfg)
+    t0 = time.perf_counter()
+    supports = distributed_supports(model, targets, cfg, progress)
+    inject(model, cfg, supports)
+    return targets, supports, time.perf_counter() - t0
+
+
+def lr_scheduler_factory(t, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[t.schedule]
+
+    def make(optimizer):
+        return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps,
+                             num_training_steps=total_steps)
+
+    return make
+
+
+def create_engine(model, ds: dict, exp, total_steps: int):
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=params, config=ds,
+        lr_scheduler=lr_scheduler_factory(exp.train, total_steps))
+    return engine, optimizer, scheduler
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Reentrant checkpointing: works with ZeRO-3 and frozen weights (the non-reentrant
+    variant can fail there); inputs must require grad since the embeddings are frozen."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+
+
+def trainable_count(model) -> int:
+    from ..zero import full_numel
+
+    return sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+
+
+def as_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -1,0 +1,66 @@
+"""What a run reports: TensorBoard scalars / histograms and a progress bar, on rank 0 only.
+
+DeepSpeed's own monitor does not write the training loss, so we write everything ourselves.
+"""
+from __future__ import annotations
+
+import math
+import resource
+from pathlib import Path
+
+import torch
+
+SCALARS = ("train/loss", "train/perplexity", "train/lr", "train/grad_norm", "train/samples",
+           "perf/tokens_per_s", "perf/step_time_s", "mem/rss_mb", "model/trainable_params")
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Monitor:
+    def __init__(self, log_dir: Path, enabled: bool, total_steps: int, start_step: int):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm import tqdm
+
+            self.writer = SummaryWriter(str(log_dir))
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            if v is not None and math.isfinite(v):
+                self.writer.add_scalar(k, v, step)
+
+    def histogram(self, step: int, name: str, values: torch.Tensor) -> None:
+        if self.enabled and values.numel():
+            self.writer.add_histogram(name, values.float().cpu(), step)
+
+    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.enabled:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def text(self, msg: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(msg)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.flush()
+            self.writer.close()
+
+
+def memory_scalars() -> dict[str, float]:
+    out = {"mem/rss_mb": rss_mb()}
+    if torch.cuda.is_available():
+        out["mem/gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out

@@ -1,0 +1,103 @@
+"""Helpers for tests that run launchers/train.py: configs, real launches, a plain reference."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, model_dir: Path, output_dir: Path, cache_dir: Path, **sections) -> Path:
+    cfg = {
+        "model": {"path": str(model_dir)},
+        "dsee": {"r": 4, "alpha": 8, "num_sparse": 16, "support": "grebsmo", "grebsmo_rounds": 3},
+        "data": {"source": "python_stdlib", "block_size": 32, "max_train_blocks": 256,
+                 "max_eval_blocks": 16, "cache_dir": str(cache_dir)},
+        "train": {"max_steps": 6, "batch_size": 4, "micro_batch_size": 2, "lr": 5e-3,
+                  "warmup_steps": 1, "schedule": "linear", "histogram_every": 3},
+        "eval": {"every": 3, "batch_size": 4},
+        "checkpoint": {"every": 3, "keep_last": 3},
+        "deepspeed": str(ROOT / "ds_configs" / "zero3.json"),
+        "output_dir": str(output_dir),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(config: Path, nproc: int = 1, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """nproc == 1: plain `python launchers/train.py`; else the real deepspeed launcher."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    script = str(ROOT / "launchers" / "train.py")
+    if nproc == 1:
+        cmd = [sys.executable, script, "--config", str(config), *extra]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", str(free_port()), script, "--config", str(config), *extra]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return r
+
+
+def check(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (output_dir / "train_log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def plain_reference_losses(config: Path) -> tuple[dict[int, float], dict]:
+    """The same DSEE run in plain PyTorch (no DeepSpeed): the losses and the supports."""
+    from transformers import AutoModelForCausalLM, get_scheduler
+
+    from dsee_scale.adapters import inject, supports_of
+    from dsee_scale.data import ByteTokenizer, build_corpus, micro_batch
+    from dsee_scale.experiment import load_experiment
+
+    exp = load_experiment(str(config))
+    t = exp.train
+    torch.manual_seed(t.seed)
+    model = AutoModelForCausalLM.from_pretrained(exp.model.path, dtype=torch.float32)
+    inject(model, exp.dsee)
+    corpus = build_corpus(exp.data, ByteTokenizer())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
+    sched = get_scheduler(t.schedule, opt, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    accum = t.batch_size // t.micro_batch_size
+    model.train()
+    out = {}
+    for step in range(t.max_steps):
+        total = 0.0
+        for micro in range(accum):
+            ids = micro_batch(corpus.train, step, micro, 0, 1, t.micro_batch_size, t.batch_size, t.seed)
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / accum).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        out[step + 1] = total / accum
+    return out, {k: v.clone() for k, v in supports_of(model).items()}
