@@ -31,6 +31,9 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     source: Optional[Literal["python_stdlib"]] = None
+    hub_dataset: Optional[str] = None  # a datasets hub name, where a network exists
+    hub_train_split: str = "train"
+    hub_eval_split: Optional[str] = None
     text_field: str = "text"
     block_size: int = 256
     heldout_percent: int = 10  # python_stdlib: share of modules held out for eval
@@ -39,8 +42,11 @@ class DataConfig:
     cache_dir: Optional[str] = None  # tokenized blocks; default: ~/.cache/dsee_scale/data
 
     def validate(self, section: str = "data") -> None:
-        if self.source is None and not self.train_files:
-            raise ConfigError(f"{section}: give train_files (and eval_files) or source: python_stdlib")
+        given = [k for k, v in (("train_files", self.train_files), ("source", self.source),
+                                ("hub_dataset", self.hub_dataset)) if v]
+        if len(given) != 1:
+            raise ConfigError(f"{section}: give exactly one of train_files (with eval_files), "
+                              f"source: python_stdlib, hub_dataset (got {', '.join(given) or 'none'})")
         if self.block_size < 2:
             raise ConfigError(f"{section}.block_size: got {self.block_size}, must be >= 2")
         if not 0 < self.heldout_percent < 100:

@@ -1,7 +1,9 @@
 """Loading the base model: a local HF directory, a GGUF file, or a config for random weights."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -15,8 +17,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class ModelConfig:
-    """The `model:` section. Exactly one of path / gguf_file / config."""
+    """The `model:` section. Exactly one of preset / path / gguf_file / config."""
 
+    preset: Optional[Literal["smollm2-135m"]] = None  # a real model that needs no hub (assets.py)
     path: Optional[str] = None  # a local Hugging Face model directory
     gguf_file: Optional[str] = None  # a .gguf file (dequantized on load; needs `gguf`)
     config: Optional[dict[str, Any]] = None  # transformers config kwargs incl. model_type
@@ -25,18 +28,30 @@ class ModelConfig:
     seed: int = 0  # for random weights
 
     def validate(self, section: str = "model") -> None:
-        given = [k for k in ("path", "gguf_file", "config") if getattr(self, k) is not None]
+        given = [k for k in ("preset", "path", "gguf_file", "config") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ConfigError(f"{section}: give exactly one of path, gguf_file, config "
+            raise ConfigError(f"{section}: give exactly one of preset, path, gguf_file, config "
                               f"(got {', '.join(given) or 'none'})")
         for key in ("path", "gguf_file", "tokenizer"):
             value = getattr(self, key)
+            if value is not None:
+                value = os.path.expanduser(value)
+                setattr(self, key, value)
             if value is not None and not Path(value).exists():
                 raise ConfigError(f"{section}.{key}: {value!r} does not exist")
         if self.gguf_file is not None and not Path(self.gguf_file).is_file():
             raise ConfigError(f"{section}.gguf_file: {self.gguf_file!r} is not a file")
         if self.config is not None and "model_type" not in self.config:
             raise ConfigError(f"{section}.config: needs a model_type (e.g. gpt2, llama)")
+
+
+def resolve_preset(cfg: ModelConfig) -> ModelConfig:
+    """preset -> the concrete source it stands for (fetched once if needed)."""
+    if cfg.preset == "smollm2-135m":
+        from .assets import smollm2_gguf
+
+        return dataclasses.replace(cfg, preset=None, gguf_file=str(smollm2_gguf()))
+    return cfg
 
 
 def build_config(cfg: ModelConfig):
@@ -54,6 +69,7 @@ def load_model(cfg: ModelConfig):
     """The causal LM described by cfg, on CPU, in cfg.dtype (frozen weights stay in it)."""
     from transformers import AutoModelForCausalLM
 
+    cfg = resolve_preset(cfg)
     dtype = DTYPES[cfg.dtype]
     if cfg.config is not None:
         torch.manual_seed(cfg.seed)
@@ -87,6 +103,7 @@ def load_tokenizer(cfg: ModelConfig):
     tokenizer files): the caller then uses byte-level tokens."""
     from transformers import AutoTokenizer
 
+    cfg = resolve_preset(cfg)
     source = cfg.tokenizer or cfg.path
     try:
         if source is not None:

@@ -79,6 +79,27 @@ def read_documents(files: list[Path], text_field: str) -> list[str]:
     return docs
 
 
+def hub_documents(name: str, split: str, text_field: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown name, unknown split ...
+        raise UserError(f"data.hub_dataset: cannot load {name!r} split {split!r}: "
+                        f"{type(e).__name__}: {e}") from None
+    if text_field not in ds.column_names:
+        raise ConfigError(f"data.text_field: {name!r} has no column {text_field!r} "
+                          f"(columns: {', '.join(ds.column_names)})")
+    return [t for t in ds[text_field] if isinstance(t, str)]
+
+
+def _blocks_from_docs(docs: list[str], tokenizer, block_size: int, label: str) -> torch.Tensor:
+    blocks = pack(docs, tokenizer, block_size)
+    if blocks.shape[0] == 0:
+        raise UserError(f"data: the {label} data holds fewer than block_size={block_size} tokens")
+    return blocks
+
+
 def _cache_key(files: list[Path], tokenizer, block_size: int, extra: str) -> str:
     h = hashlib.sha256()
     for f in files:
@@ -110,10 +131,8 @@ def load_blocks(files: list[Path], tokenizer, block_size: int, text_field: str,
     path = cache / f"{label}-{key}.safetensors"
     if path.is_file():
         return load_file(str(path))["blocks"]
-    blocks = pack(read_documents(files, text_field), tokenizer, block_size)
-    if blocks.shape[0] == 0:
-        raise UserError(f"data: the {label} files hold fewer than block_size={block_size} tokens "
-                        f"({len(files)} files)")
+    blocks = _blocks_from_docs(read_documents(files, text_field), tokenizer, block_size,
+                               f"{label} ({len(files)} files)")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"blocks": blocks.contiguous()}, str(tmp))
@@ -136,6 +155,14 @@ def build_corpus(data_cfg, tokenizer) -> Corpus:
     """Train / eval blocks for an experiment's `data:` section."""
     from ..assets import split_of, stdlib_files
 
+    if data_cfg.hub_dataset:
+        train = _blocks_from_docs(hub_documents(data_cfg.hub_dataset, data_cfg.hub_train_split,
+                                                data_cfg.text_field), tokenizer, data_cfg.block_size, "train")
+        ev = None
+        if data_cfg.hub_eval_split:
+            ev = _blocks_from_docs(hub_documents(data_cfg.hub_dataset, data_cfg.hub_eval_split,
+                                                 data_cfg.text_field), tokenizer, data_cfg.block_size, "eval")
+        return _limit(Corpus(train, ev), data_cfg)
     if data_cfg.source == "python_stdlib":
         files = stdlib_files()
         train_files = [f for f in files if split_of(f, data_cfg.heldout_percent) == "train"]
@@ -147,11 +174,15 @@ def build_corpus(data_cfg, tokenizer) -> Corpus:
                         data_cfg.cache_dir, "train")
     ev = (load_blocks(eval_files, tokenizer, data_cfg.block_size, data_cfg.text_field,
                       data_cfg.cache_dir, "eval") if eval_files else None)
+    return _limit(Corpus(train, ev), data_cfg)
+
+
+def _limit(c: Corpus, data_cfg) -> Corpus:
     if data_cfg.max_train_blocks:
-        train = train[: data_cfg.max_train_blocks]
-    if ev is not None and data_cfg.max_eval_blocks:
-        ev = ev[: data_cfg.max_eval_blocks]
-    return Corpus(train, ev)
+        c.train = c.train[: data_cfg.max_train_blocks]
+    if c.eval is not None and data_cfg.max_eval_blocks:
+        c.eval = c.eval[: data_cfg.max_eval_blocks]
+    return c
 
 
 @functools.lru_cache(maxsize=4)

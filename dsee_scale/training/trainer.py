@@ -127,9 +127,16 @@ def run(exp, resume: bool = False) -> dict:
     if exp.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
+    bar = None
+
     def inject_progress(done, total):
+        nonlocal bar
         if rank == 0:
-            print(f"  supports: {done}/{total} matrices", flush=True)
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, desc=f"supports ({exp.dsee.support})", unit="matrix")
+            bar.update(done - bar.n)
 
     if resume:
         supports = ckpt.load_supports(root, meta["tag"])
@@ -138,6 +145,8 @@ def run(exp, resume: bool = False) -> dict:
         inject_s = 0.0
     else:
         _, supports, inject_s = inject_distributed(model, exp.dsee, inject_progress)
+        if bar is not None:
+            bar.close()
     digests = all_gather_objects(supports_digest(supports))
     if len(set(digests)) != 1:
         raise RuntimeError(f"supports differ between ranks: {digests}")
@@ -188,7 +197,7 @@ def run(exp, resume: bool = False) -> dict:
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": done, "loss": loss_mean, "lr": lr,
-                                    "grad_norm": grad_norm}) + "\n")
+                                    "grad_norm": grad_norm, "step_time": dt}) + "\n")
             if done % t.log_every == 0 or done == total_steps:
                 monitor.scalars(done, {
                     "train/loss": loss_mean, "train/perplexity": math.exp(min(loss_mean, 50)),
@@ -213,6 +222,8 @@ def run(exp, resume: bool = False) -> dict:
             monitor.text(f"stopping at step {done} (train.stop_at_step); resume with --resume")
             break
     summary["eval_loss"] = eval_loss
+    summary["inject_seconds"] = inject_s
+    summary["peak_rss_mb_per_rank"] = all_gather_objects(memory_scalars()["mem/rss_mb"])
     monitor.close()
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

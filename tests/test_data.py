@@ -1,0 +1,78 @@
+"""Corpora to packed blocks: formats, caching, batches that do not depend on the rank count."""
+import json
+
+import pytest
+import torch
+
+from dsee_scale.data import ByteTokenizer, build_corpus, micro_batch, pack
+from dsee_scale.errors import ConfigError, UserError
+from dsee_scale.experiment import DataConfig
+
+
+def cfg(tmp_path, **kw):
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    return DataConfig(**kw)
+
+
+def test_pack_joins_documents_with_eos_and_cuts_blocks():
+    blocks = pack(["ab", "cde"], ByteTokenizer(), 3)
+    assert blocks.tolist() == [[97, 98, 0], [99, 100, 101]]  # the final EOS is dropped
+
+
+def test_text_json_jsonl_parquet_and_cache(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.txt").write_text("hello world " * 20)
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"line {i} " * 5}) for i in range(10)))
+    (tmp_path / "c.json").write_text(json.dumps([{"text": "json doc " * 10}]))
+    pq.write_table(pa.table({"text": ["parquet doc " * 10]}), tmp_path / "d.parquet")
+    c = cfg(tmp_path, train_files=[str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl"),
+                                   str(tmp_path / "c.json"), str(tmp_path / "d.parquet")],
+            eval_files=[str(tmp_path / "a.txt")], block_size=16)
+    corpus = build_corpus(c, ByteTokenizer())
+    n_tokens = 240 + 1 + sum(len(f"line {i} " * 5) + 1 for i in range(10)) + 91 + 121
+    assert corpus.train.shape == (n_tokens // 16, 16)
+    assert bytes(corpus.train[0].tolist()).startswith(b"hello world")
+    cached = list((tmp_path / "cache").glob("train-*.safetensors"))
+    assert len(cached) == 1
+    # a second build reads the cache (same key), a changed file makes a new one
+    assert torch.equal(build_corpus(c, ByteTokenizer()).train, corpus.train)
+    (tmp_path / "a.txt").write_text("changed " * 40)
+    build_corpus(c, ByteTokenizer())
+    assert len(list((tmp_path / "cache").glob("train-*.safetensors"))) == 2
+
+
+def test_global_batch_is_the_same_for_any_rank_count():
+    blocks = torch.arange(40).view(20, 2)
+    for step in range(7):  # wraps into a second epoch
+        one = torch.cat([micro_batch(blocks, step, m, 0, 1, 2, 8, seed=3) for m in range(4)])
+        two = torch.cat([micro_batch(blocks, step, m, r, 2, 2, 8, seed=3) for m in range(2) for r in range(2)])
+        four = torch.cat([micro_batch(blocks, step, 0, r, 4, 2, 8, seed=3) for r in range(4)])
+        assert torch.equal(one, two) and torch.equal(one, four)
+    epoch0 = torch.cat([micro_batch(blocks, s, 0, 0, 1, 4, 4, seed=3) for s in range(5)])
+    assert sorted(epoch0[:, 0].tolist()) == list(range(0, 40, 2))  # every block once per epoch
+
+
+def test_bad_data_is_named(tmp_path):
+    (tmp_path / "bin.txt").write_bytes(b"ok \xff\xfe not utf-8")
+    with pytest.raises(UserError, match="not UTF-8"):
+        build_corpus(cfg(tmp_path, train_files=[str(tmp_path / "bin.txt")]), ByteTokenizer())
+    (tmp_path / "short.txt").write_text("tiny")
+    with pytest.raises(UserError, match="fewer than block_size"):
+        build_corpus(cfg(tmp_path, train_files=[str(tmp_path / "short.txt")]), ByteTokenizer())
+    with pytest.raises(ConfigError, match="matches no file"):
+        build_corpus(cfg(tmp_path, train_files=[str(tmp_path / "nope*.txt")]), ByteTokenizer())
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ConfigError, match="unsupported extension"):
+        build_corpus(cfg(tmp_path, train_files=[str(tmp_path / "x.csv")]), ByteTokenizer())
+    (tmp_path / "f.jsonl").write_text(json.dumps({"body": "x" * 100}))
+    with pytest.raises(ConfigError, match="no column 'text'"):
+        build_corpus(cfg(tmp_path, train_files=[str(tmp_path / "f.jsonl")]), ByteTokenizer())
+
+
+def test_hub_dataset_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot load 'no-such/dataset'"):
+        build_corpus(cfg(tmp_path, hub_dataset="no-such/dataset"), ByteTokenizer())
