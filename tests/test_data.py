@@ -72,7 +72,10 @@ def test_bad_data_is_named(tmp_path):
 
 
 def test_hub_dataset_offline_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(UserError, match="cannot load 'no-such/dataset'"):
         build_corpus(cfg(tmp_path, hub_dataset="no-such/dataset"), ByteTokenizer())
