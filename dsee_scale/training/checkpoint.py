@@ -55,6 +55,21 @@ def tags(root: Path) -> list[str]:
     return sorted(found, key=lambda t: int(t.split("_")[1]))
 
 
+def layer_layout(model) -> dict:
+    """For each DSEE layer: its base kind (linear / conv1d) and targeted slices, so an export
+    can merge without building the model."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ..adapters import DSEELayer
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, DSEELayer):
+            out[name] = {"kind": "conv1d" if isinstance(m.base_layer, Conv1D) else "linear",
+                         "slices": {s: list(m.bounds(s)) for s in m.dsee}}
+    return out
+
+
 def save(engine, exp, step: int, world: int, supports: dict, rank: int) -> Path:
     from safetensors.torch import save_file
 
@@ -66,7 +81,8 @@ def save(engine, exp, step: int, world: int, supports: dict, rank: int) -> Path:
         d = root / tag
         save_file({k: v.contiguous() for k, v in supports.items()}, str(d / SUPPORTS))
         (d / "experiment.yaml").write_text(yaml.safe_dump(asdict(exp), sort_keys=False))
-        _write_atomic(d / META, json.dumps({"step": step, "world_size": world, "tag": tag}))
+        _write_atomic(d / META, json.dumps({"step": step, "world_size": world, "tag": tag,
+                                            "dsee_layers": layer_layout(engine.module)}))
         _write_atomic(root / "latest", tag)  # only now is this checkpoint the one to resume
         for old in tags(root)[: -exp.checkpoint.keep_last]:
             shutil.rmtree(root / old, ignore_errors=True)

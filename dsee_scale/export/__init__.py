@@ -1,0 +1,270 @@
+"""ZeRO-3 checkpoint -> a Hugging Face model directory (merged) or a DSEE adapter.
+
+merged:  W + (alpha/r)(BA + S) folded per layer, written as sharded safetensors with
+         model.safetensors.index.json, config.json, generation_config.json and the tokenizer.
+         `AutoModelForCausalLM.from_pretrained(out)` loads it with no dsee_scale installed.
+adapter: A, B, S values and indices + dsee_config.json: `load_adapter(base_model, out)`.
+
+Streaming: tensors are read one at a time from the memory-mapped checkpoint and written in
+shards of at most --max-shard-size, so memory holds one shard plus one layer. Everything is
+written to a temporary directory beside out_dir and renamed at the end: an interrupted export
+leaves no half-written model, and an existing non-empty out_dir is replaced only with force.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..adapters.config import DSEEConfig
+from ..adapters.delta import SparseLowRankDelta
+from ..adapters.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..config import from_dict
+from ..errors import UserError
+from ..models import ModelConfig
+from .zero_checkpoint import ZeroCheckpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", text.upper())
+    if not m:
+        raise UserError(f"--max-shard-size: {text!r} is not a size such as 500MB or 2GB")
+    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
+
+
+class ShardWriter:
+    """Safetensors shards of at most max_bytes, then model.safetensors.index.json."""
+
+    def __init__(self, out: Path, max_bytes: int, metadata: dict[str, str]):
+        self.out, self.max_bytes, self.metadata = out, max_bytes, metadata
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = t.contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        path = self.out / f"shard-{len(self.files):05d}.tmp"
+        save_file(self.pending, str(path), metadata=self.metadata)
+        self.files.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, names in enumerate(self.files):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / f"shard-{i:05d}.tmp", self.out / final)
+            weight_map.update({k: final for k in names})
+        if n > 1:
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
+
+
+def _experiment(ck: ZeroCheckpoint) -> dict:
+    path = ck.dir / "experiment.yaml"
+    if not path.is_file():
+        raise UserError(f"{str(ck.dir)!r} has no experiment.yaml: not a dsee-scale checkpoint")
+    return yaml.safe_load(path.read_text())
+
+
+def hf_config(model_cfg: ModelConfig, overrides: dict | None = None):
+    """The transformers config of the checkpoint's model, pruned sizes applied."""
+    from transformers import AutoConfig
+
+    from ..models import build_config, resolve_preset
+
+    mc = resolve_preset(model_cfg)
+    if mc.config is not None:
+        cfg = build_config(mc)
+    elif mc.path is not None:
+        cfg = AutoConfig.from_pretrained(mc.path)
+    else:
+        g = Path(mc.gguf_file)
+        cfg = AutoConfig.from_pretrained(str(g.parent), gguf_file=g.name)
+    if getattr(cfg, "quantization_config", None) is not None:
+        del cfg.quantization_config
+    for k, v in (overrides or {}).items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _delta(ck: ZeroCheckpoint, prefix: str, cfg: DSEEConfig) -> SparseLowRankDelta:
+    """The trained update of one layer slice, rebuilt from the checkpoint."""
+    A = ck.tensor(f"{prefix}.lora_A")
+    B = ck.tensor(f"{prefix}.lora_B")
+    d = SparseLowRankDelta(A.shape[1], B.shape[0], cfg.r, cfg.alpha, ck.tensor(f"{prefix}.sparse_index"))
+    with torch.no_grad():
+        d.lora_A.copy_(A)
+        d.lora_B.copy_(B)
+        d.sparse_values.copy_(ck.tensor(f"{prefix}.sparse_values"))
+    return d
+
+
+def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: dict, tied: bool):
+    """(name, tensor, source dtype) of the merged model in the checkpoint's order, one at a time."""
+    for name in ck.names():
+        if ".dsee." in name:
+            continue  # folded into its layer's weight below
+        if tied and name == "lm_head.weight":
+            continue
+        module, _, leaf = name.rpartition(".")
+        if module.endswith(".base_layer"):
+            layer = module[: -len(".base_layer")]
+            out_name = f"{layer}.{leaf}"
+            t = ck.tensor(name)
+            if leaf == "weight" and layer in layers:
+                info = layers[layer]
+                w = t.float()
+                w_oi = w.t() if info["kind"] == "conv1d" else w  # out x in view
+                with torch.no_grad():
+                    for s, (lo, hi) in info["slices"].items():
+                        w_oi[lo:hi] += _delta(ck, f"{layer}.dsee.{s}", dsee).delta_weight()
+                yield out_name, w, ck.dtype_of(name)
+            else:
+                yield out_name, t, ck.dtype_of(name)
+        else:
+            yield name, ck.tensor(name), ck.dtype_of(name)
+
+
+def _layers_from_names(ck: ZeroCheckpoint, model_type: str) -> dict:
+    """For checkpoints without a layout in dsee_meta.json: GPT-2 layers are Conv1D."""
+    layers: dict = {}
+    for name in ck.names():
+        m = re.match(r"(.+)\.dsee\.(\w+)\.lora_A$", name)
+        if m:
+            layer, s = m.groups()
+            kind = "conv1d" if model_type == "gpt2" else "linear"
+            w_shape = (ck.frozen_shapes.get(f"{layer}.base_layer.weight")
+                       or ck.trainable_shapes.get(f"{layer}.base_layer.weight"))
+            out = w_shape[1] if kind == "conv1d" else w_shape[0]
+            lo, hi = (0, out) if s == "full" else (("q", "k", "v").index(s) * out // 3,
+                                                   (("q", "k", "v").index(s) + 1) * out // 3)
+            layers.setdefault(layer, {"kind": kind, "slices": {}})["slices"][s] = [lo, hi]
+    return layers
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UserError(f"output directory {str(out)!r} is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Swap the finished export into place; the old directory goes only after that."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_checkpoint(ckpt_dir: str, out_dir: str, tag: str | None = None, mode: str = "merged",
+                      dtype: str = "auto", max_shard_size: str = "2GB", force: bool = False,
+                      progress=None) -> dict:
+    """Export; returns a summary (files, bytes, dtypes)."""
+    if mode not in ("merged", "adapter"):
+        raise UserError(f"--mode: got {mode!r}, allowed: merged, adapter")
+    if dtype not in ("auto", *DTYPES):
+        raise UserError(f"--dtype: got {dtype!r}, allowed: auto, {', '.join(DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
+    out = Path(out_dir)
+    ck = ZeroCheckpoint(ckpt_dir, tag)
+    exp = _experiment(ck)
+    dsee = from_dict(DSEEConfig, exp.get("dsee"), "dsee")
+    tmp = _prepare_out(out, force)
+    try:
+        if mode == "adapter":
+            summary = _write_adapter(ck, exp, dsee, tmp, dtype)
+        else:
+            summary = _write_merged(ck, exp, dsee, tmp, dtype, max_bytes, progress)
+        summary.update(checkpoint=str(ck.dir), tag=ck.tag, mode=mode, world_size=ck.world)
+        (tmp / "dsee_export.json").write_text(json.dumps(summary, indent=2))
+        _commit(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _write_adapter(ck, exp, dsee: DSEEConfig, tmp: Path, dtype: str) -> dict:
+    from safetensors.torch import save_file
+
+    want = None if dtype == "auto" else DTYPES[dtype]
+    state = {}
+    for name in ck.names():
+        if ".dsee." in name:
+            t = ck.tensor(name)
+            if want is not None and t.is_floating_point():
+                t = t.to(want)
+            state[name] = t.contiguous()
+    if not state:
+        raise UserError(f"{str(ck.dir)!r} holds no DSEE parameters")
+    save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "dsee_scale": "adapter"})
+    targets = sorted({re.sub(r"\.dsee\.(\w+)\.\w+$", lambda m: "" if m.group(1) == "full" else f":{m.group(1)}", n)
+                      for n in state})
+    model_type = (exp.get("model", {}).get("config") or {}).get("model_type")
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps({"dsee": exp["dsee"], "targets": targets,
+                                                  "model_type": model_type}, indent=2))
+    return {"files": sorted(p.name for p in tmp.iterdir()),
+            "bytes": sum(t.numel() * t.element_size() for t in state.values()),
+            "trainable_dtype": "fp32", "written_dtype": dtype if want is not None else "fp32"}
+
+
+def _write_merged(ck, exp, dsee: DSEEConfig, tmp: Path, dtype: str, max_bytes: int, progress) -> dict:
+    from transformers import GenerationConfig
+
+    from ..models import load_tokenizer
+
+    mc = from_dict(ModelConfig, exp.get("model"), "model")
+    cfg = hf_config(mc, ck.meta.get("config_overrides"))
+    layers = ck.meta.get("dsee_layers") or _layers_from_names(ck, cfg.model_type)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    frozen_dtypes = {ck.dtype_of(n) for n in ck.frozen_shapes}
+    frozen_dtype = frozen_dtypes.pop() if len(frozen_dtypes) == 1 else torch.float32
+    out_dtype = frozen_dtype if dtype == "auto" else DTYPES[dtype]
+    writer = ShardWriter(tmp, max_bytes, {"format": "pt"})
+    total = sum(1 for n in ck.names() if ".dsee." not in n and not (tied and n == "lm_head.weight"))
+    for i, (name, t, _) in enumerate(merged_tensors(ck, dsee, layers, tied)):
+        writer.add(name, t.to(out_dtype) if t.is_floating_point() else t)
+        if progress is not None:
+            progress(i + 1, total)
+    writer.finish()
+    cfg.dtype = out_dtype
+    cfg.save_pretrained(tmp)
+    try:
+        GenerationConfig.from_model_config(cfg).save_pretrained(tmp)
+    except Exception:  # a config without generation fields: nothing to write
+        pass
+    tok = load_tokenizer(mc)
+    if tok is not None:
+        tok.save_pretrained(tmp)
+    rounded = out_dtype != torch.float32
+    return {"files": sorted(p.name for p in tmp.iterdir()), "bytes": writer.total,
+            "frozen_dtype": DTYPE_NAMES.get(frozen_dtype, str(frozen_dtype)),
+            "trainable_dtype": "fp32", "written_dtype": DTYPE_NAMES.get(out_dtype, str(out_dtype)),
+            "update_rounded_to_written_dtype": rounded, "tokenizer": tok is not None,
+            "tied_embeddings": tied}

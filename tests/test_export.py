@@ -1,0 +1,178 @@
+"""Export of ZeRO-3 checkpoints: against DeepSpeed's consolidation and plain transformers."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_gpt2, tiny_llama
+from dsee_scale.adapters import DSEEConfig, inject, load_adapter
+from dsee_scale.export import export_checkpoint
+from dsee_scale.export.zero_checkpoint import ZeroCheckpoint
+from dsee_scale.errors import UserError
+from train_helpers import ROOT, check, launch, write_config
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for kind, build in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
+        model_dir = root / f"{kind}-model"
+        build(vocab_size=256, **({"n_positions": 64} if kind == "gpt2" else {})).save_pretrained(model_dir)
+        out[f"{kind}-model"] = model_dir
+        for n in ((1, 2) if kind == "gpt2" else (2,)):
+            cfg = write_config(root / f"{kind}-{n}.yaml", model_dir, root / f"{kind}-{n}", root / "cache",
+                               train={"max_steps": 3}, checkpoint={"every": 3})
+            check(launch(cfg, n))
+            out[f"{kind}-{n}"] = root / f"{kind}-{n}" / "checkpoints"
+    bf = write_config(root / "bf16.yaml", out["gpt2-model"], root / "bf16", root / "cache",
+                      train={"max_steps": 2, "precision": "bf16"}, checkpoint={"every": 2})
+    check(launch(bf, 1))
+    out["gpt2-bf16"] = root / "bf16" / "checkpoints"
+    out["root"] = root
+    return out
+
+
+def ds_reference(ckpt_dir):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir))
+
+
+def framework_logits(model_dir, ckpt_dir):
+    """The trained DSEE model rebuilt from DeepSpeed's own consolidation (unmerged forward)."""
+    ck = ZeroCheckpoint(ckpt_dir)
+    import yaml
+    exp = yaml.safe_load((ck.dir / "experiment.yaml").read_text())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    supports = load_file(str(ck.dir / "dsee_supports.safetensors"))
+    inject(model, DSEEConfig(**exp["dsee"]), supports)
+    model.load_state_dict({k: v.float() for k, v in ds_reference(ckpt_dir).items()}, strict=True)
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("run", ["gpt2-1", "gpt2-2", "llama-2", "gpt2-bf16"])
+def test_every_tensor_matches_deepspeed_consolidation(runs, run):
+    ck = ZeroCheckpoint(runs[run])
+    ref = ds_reference(runs[run])
+    names = ck.names()
+    assert set(names) | set(ck.shared) == set(ref)
+    for n in names:
+        t = ck.tensor(n)
+        assert t.dtype == ref[n].dtype, n
+        assert torch.equal(t, ref[n]), n
+
+
+@pytest.mark.parametrize("kind,run", [("gpt2", "gpt2-2"), ("llama", "llama-2")])
+def test_merged_export_loads_in_plain_transformers(runs, kind, run, tmp_path):
+    out = tmp_path / "merged"
+    export_checkpoint(str(runs[run]), str(out), max_shard_size="100KB")
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in files and "config.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 1  # sharded
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("dsee" in k or "base_layer" in k for k in model.state_dict())
+    with torch.no_grad():
+        got = model(IDS).logits
+    want = framework_logits(runs[f"{kind}-model"], runs[run])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # tied embeddings: written once, loaded tied
+    if model.config.tie_word_embeddings:
+        keys = set()
+        for f in out.glob("*.safetensors"):
+            keys |= set(load_file(str(f)))
+        assert "lm_head.weight" not in keys
+        assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_adapter_export_reapplied_to_base(runs, tmp_path):
+    out = tmp_path / "adapter"
+    s = export_checkpoint(str(runs["llama-2"]), str(out), mode="adapter")
+    assert sorted(s["files"]) == ["adapter_model.safetensors", "dsee_config.json"]
+    n_base = sum(p.numel() for p in tiny_llama(vocab_size=256).parameters())
+    assert s["bytes"] < 0.2 * n_base * 4  # proportional to the trainable parameters
+    base = AutoModelForCausalLM.from_pretrained(runs["llama-model"], dtype=torch.float32).eval()
+    load_adapter(base, out)
+    with torch.no_grad():
+        got = base(IDS).logits
+    torch.testing.assert_close(got, framework_logits(runs["llama-model"], runs["llama-2"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_one_rank_and_two_rank_exports_agree(runs, tmp_path):
+    a, b = tmp_path / "one", tmp_path / "two"
+    export_checkpoint(str(runs["gpt2-1"]), str(a))
+    export_checkpoint(str(runs["gpt2-2"]), str(b))
+    sa, sb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert set(sa) == set(sb)
+    for k in sa:  # same run; 2 ranks reduce gradients in another order (fp32 rounding only)
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+    assert (a / "config.json").read_text() == (b / "config.json").read_text()
+
+
+def test_bf16_frozen_weights_come_back_bf16(runs, tmp_path):
+    out = tmp_path / "bf16"
+    s = export_checkpoint(str(runs["gpt2-bf16"]), str(out))
+    assert s["frozen_dtype"] == s["written_dtype"] == "bf16" and s["update_rounded_to_written_dtype"]
+    exported = load_file(str(out / "model.safetensors"))
+    original = load_file(str(runs["gpt2-model"] / "model.safetensors"))
+    # an untouched frozen weight is the original, in bf16, bit for bit
+    k = "transformer.h.0.mlp.c_fc.weight"
+    assert exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], original[k].to(torch.bfloat16))
+    out32 = tmp_path / "bf16-as-fp32"
+    assert export_checkpoint(str(runs["gpt2-bf16"]), str(out32), dtype="fp32")["written_dtype"] == "fp32"
+
+
+def run_cli(*args):
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    return subprocess.run([sys.executable, str(ROOT / "launchers" / "export.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_broken_checkpoints_give_one_line_errors(runs, tmp_path):
+    bad = tmp_path / "ck"
+    shutil.copytree(runs["gpt2-2"], bad)
+    tag = (bad / "latest").read_text()
+    r = run_cli(bad, tmp_path / "o1", "--tag", "step_99")
+    assert r.returncode == 2 and "step_99" in r.stderr and tag in r.stderr and "Traceback" not in r.stderr
+
+    f = bad / tag / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])  # truncated
+    r = run_cli(bad, tmp_path / "o2")
+    assert r.returncode == 2 and "zero_pp_rank_1_mp_rank_00_model_states.pt" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o2").exists()
+
+    f.unlink()  # missing
+    r = run_cli(bad, tmp_path / "o3")
+    assert r.returncode == 2 and "zero_pp_rank_1_mp_rank_00_model_states.pt is missing" in r.stderr
+
+
+def test_out_dir_is_never_half_written_or_silently_replaced(runs, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = run_cli(runs["gpt2-1"], out)
+    assert r.returncode == 2 and "--force" in r.stderr and (out / "keep.txt").read_text() == "mine"
+
+    import dsee_scale.export as ex
+
+    def boom(self, name, t):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ex.ShardWriter, "add", boom)
+    with pytest.raises(RuntimeError):
+        export_checkpoint(str(runs["gpt2-1"]), str(out), force=True)
+    assert (out / "keep.txt").read_text() == "mine"  # untouched by the failed export
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial directory left
+    monkeypatch.undo()
+    r = run_cli(runs["gpt2-1"], out, "--force")
+    assert r.returncode == 0 and not (out / "keep.txt").exists() and (out / "config.json").is_file()
