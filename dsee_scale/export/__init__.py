@@ -44,8 +44,8 @@ def parse_size(text: str) -> int:
 class ShardWriter:
     """Safetensors shards of at most max_bytes, then model.safetensors.index.json."""
 
-    def __init__(self, out: Path, max_bytes: int, metadata: dict[str, str]):
-        self.out, self.max_bytes, self.metadata = out, max_bytes, metadata
+    def __init__(self, out: Path, max_bytes: int, metadata: dict[str, str], on_flush=None):
+        self.out, self.max_bytes, self.metadata, self.on_flush = out, max_bytes, metadata, on_flush
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.files: list[list[str]] = []
@@ -68,6 +68,8 @@ class ShardWriter:
         save_file(self.pending, str(path), metadata=self.metadata)
         self.files.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
+        if self.on_flush is not None:
+            self.on_flush()
 
     def finish(self) -> None:
         self.flush()
@@ -246,7 +248,7 @@ def _write_merged(ck, exp, dsee: DSEEConfig, tmp: Path, dtype: str, max_bytes: i
     frozen_dtypes = {ck.dtype_of(n) for n in ck.frozen_shapes}
     frozen_dtype = frozen_dtypes.pop() if len(frozen_dtypes) == 1 else torch.float32
     out_dtype = frozen_dtype if dtype == "auto" else DTYPES[dtype]
-    writer = ShardWriter(tmp, max_bytes, {"format": "pt"})
+    writer = ShardWriter(tmp, max_bytes, {"format": "pt"}, on_flush=ck.release)
     total = sum(1 for n in ck.names() if ".dsee." not in n and not (tied and n == "lm_head.weight"))
     for i, (name, t, _) in enumerate(merged_tensors(ck, dsee, layers, tied)):
         writer.add(name, t.to(out_dtype) if t.is_floating_point() else t)

@@ -73,17 +73,8 @@ class ZeroCheckpoint:
                 if not (d / pattern.format(r)).is_file():
                     raise UserError(f"checkpoint {str(d)!r} was written by {world} ranks but "
                                     f"{pattern.format(r)} is missing")
-        self.world = world
-        self.model_states = [_safe_load(d / MODEL_FILE.format(r)) for r in range(world)]
-        stage = self.model_states[0].get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
-        if int(stage) != 3:
-            raise UserError(f"{str(d)!r} is a ZeRO stage {stage} checkpoint; this reader streams "
-                            "stage 3 (use DeepSpeed's zero_to_fp32.py for others)")
-        optim = [_safe_load(d / optim_file.format(r)) for r in range(world)]
-        self.flat = []  # per rank: one flat fp32 tensor of all its trainable partitions
-        for r, o in enumerate(optim):
-            groups = o["optimizer_state_dict"]["fp32_flat_groups"]
-            self.flat.append(groups[0] if len(groups) == 1 else torch.cat(groups))
+        self.world, self.optim_file = world, optim_file
+        self._open()
         ms = self.model_states[0]
         self.frozen_shapes = dict(ms.get("frozen_param_shapes") or {})
         self.trainable_shapes: dict[str, torch.Size] = {}
@@ -101,6 +92,25 @@ class ZeroCheckpoint:
         self.buffer_names = list(ms.get("buffer_names", []))
         self.shared = dict(ms.get("shared_params") or {})  # alias -> name
         self.order = [k for k in ms["module"] if k not in self.shared]
+
+    def _open(self) -> None:
+        """Map every rank's files (again): pages read so far are let go with the old maps."""
+        d, world, optim_file = self.dir, self.world, self.optim_file
+        self.model_states = [_safe_load(d / MODEL_FILE.format(r)) for r in range(world)]
+        stage = self.model_states[0].get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
+        if int(stage) != 3:
+            raise UserError(f"{str(d)!r} is a ZeRO stage {stage} checkpoint; this reader streams "
+                            "stage 3 (use DeepSpeed's zero_to_fp32.py for others)")
+        optim = [_safe_load(d / optim_file.format(r)) for r in range(world)]
+        self.flat = []  # per rank: one flat fp32 tensor of all its trainable partitions
+        for r, o in enumerate(optim):
+            groups = o["optimizer_state_dict"]["fp32_flat_groups"]
+            self.flat.append(groups[0] if len(groups) == 1 else torch.cat(groups))
+
+    def release(self) -> None:
+        """Drop the pages read so far (the exporter calls this after each written shard), so
+        resident memory stays near one shard instead of growing to the whole checkpoint."""
+        self._open()
 
     @staticmethod
     def _tags(root: Path) -> list[str]:
