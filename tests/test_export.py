@@ -9,12 +9,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_llama
 from dsee_scale.adapters import DSEEConfig, inject, load_adapter
 from dsee_scale.export import export_checkpoint
 from dsee_scale.export.zero_checkpoint import ZeroCheckpoint
-from dsee_scale.errors import UserError
-from train_helpers import ROOT, check, launch, write_config
+from train_helpers import ROOT, check, launch, save_tiny_model, write_config
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -23,10 +22,8 @@ IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     out = {}
-    for kind, build in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
-        model_dir = root / f"{kind}-model"
-        build(vocab_size=256, **({"n_positions": 64} if kind == "gpt2" else {})).save_pretrained(model_dir)
-        out[f"{kind}-model"] = model_dir
+    for kind in ("gpt2", "llama"):
+        model_dir = out[f"{kind}-model"] = save_tiny_model(root, kind)
         for n in ((1, 2) if kind == "gpt2" else (2,)):
             cfg = write_config(root / f"{kind}-{n}.yaml", model_dir, root / f"{kind}-{n}", root / "cache",
                                train={"max_steps": 3}, checkpoint={"every": 3})

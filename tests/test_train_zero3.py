@@ -4,23 +4,17 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_gpt2, tiny_llama
-from train_helpers import check, launch, losses, plain_reference_losses, write_config
+from train_helpers import check, launch, losses, plain_reference_losses, save_tiny_model, write_config
 from dsee_scale.training.trainer import supports_digest
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3")
-    models = {}
-    for kind, build in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
-        d = root / f"{kind}-model"
-        build(vocab_size=256, **({"n_positions": 64} if kind == "gpt2" else {})).save_pretrained(d)
-        models[kind] = d
+    models = {kind: save_tiny_model(root, kind) for kind in ("gpt2", "llama")}
     # frozen random weights of std 0.02 keep the logits near uniform whatever the adapter does;
     # a wider init lets a memorisation test show the loss falling
-    tiny_llama(vocab_size=256, initializer_range=0.5).save_pretrained(root / "llama-wide")
-    models["llama-wide"] = root / "llama-wide"
+    models["llama-wide"] = save_tiny_model(root, "llama", initializer_range=0.5)
     return root, models
 
 

@@ -20,6 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def save_tiny_model(root: Path, kind: str, **kw) -> Path:
+    """A tiny random GPT-2 / LLaMA with a 256-id vocabulary (byte tokens), saved to a dir, so
+    every process of a test (and the plain reference) starts from the same weights."""
+    from conftest import tiny_gpt2, tiny_llama
+
+    d = root / "-".join([f"{kind}-model", *(f"{k}{v}" for k, v in kw.items())])
+    build = tiny_gpt2 if kind == "gpt2" else tiny_llama
+    build(vocab_size=256, **({"n_positions": 64} if kind == "gpt2" else {}), **kw).save_pretrained(d)
+    return d
+
+
 def write_config(path: Path, model_dir: Path, output_dir: Path, cache_dir: Path, **sections) -> Path:
     cfg = {
         "model": {"path": str(model_dir)},
