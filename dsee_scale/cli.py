@@ -1,6 +1,7 @@
 """`dsee-scale` (or `python -m dsee_scale`): small tools around an experiment config.
 
     dsee-scale inspect --config configs/gpt2-tiny.yaml [section.key=value ...]
+    dsee-scale hostfile --slots 8 [--nodelist 'gpu[01-04]'] [--out hostfile]
 
 `inspect` validates the config, builds the model, chooses the supports, injects DSEE and prints
 what would train: each target, its shape, and the trainable parameter count.
@@ -34,6 +35,26 @@ def _inspect(args) -> None:
           f"support: {exp.dsee.support} in {elapsed:.1f}s")
 
 
+def _hostfile(args) -> None:
+    import os
+
+    from .errors import UserError
+    from .training.distributed import expand_nodelist, hostfile
+
+    nodelist = args.nodelist or os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise UserError("hostfile: give --nodelist or run inside a Slurm allocation "
+                        "(SLURM_JOB_NODELIST is not set)")
+    if args.slots < 1:
+        raise UserError(f"hostfile: --slots must be >= 1, got {args.slots}")
+    text = hostfile(expand_nodelist(nodelist), args.slots)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        print(text, end="")
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dsee-scale", description=__doc__,
@@ -43,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True, help="experiment YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_inspect)
+    h = sub.add_parser("hostfile", help="a DeepSpeed hostfile from a Slurm node list")
+    h.add_argument("--slots", type=int, required=True, help="processes (GPUs) per node")
+    h.add_argument("--nodelist", help="Slurm node list (default: $SLURM_JOB_NODELIST)")
+    h.add_argument("--out", help="write here instead of stdout")
+    h.set_defaults(func=_hostfile)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -42,16 +43,31 @@ def discover(env: dict | None = None) -> DistEnv:
     return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
 
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed node list ('gpu[01-03,07],cpu5') as host names, in order: what
+    `scontrol show hostnames` prints, without needing scontrol."""
+    hosts: list[str] = []
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        m = re.fullmatch(r"(.*?)\[([^\]]*)\](.*)", item)
+        if not m:
+            hosts.append(item)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
+    return hosts
+
+
 def _first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm node list such as 'node[01-04,07],gpu3' (no scontrol needed)."""
-    if not nodelist:
-        return "127.0.0.1"
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        first = rest.split(",")[0].split("-")[0].rstrip("]")
-        return prefix + first
-    return head
+    hosts = expand_nodelist(nodelist)
+    return hosts[0] if hosts else "127.0.0.1"
+
+
+def hostfile(hosts: list[str], slots: int) -> str:
+    """A DeepSpeed hostfile (`deepspeed --hostfile`): one 'host slots=N' line per node."""
+    return "".join(f"{h} slots={slots}\n" for h in hosts)
 
 
 def setup_env() -> DistEnv:

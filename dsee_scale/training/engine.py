@@ -61,7 +61,23 @@ def deepspeed_config(exp, world_size: int) -> dict:
                                   "directory on a fast local disk")
             Path(exp.nvme_path).mkdir(parents=True, exist_ok=True)
             _fill(off, "nvme_path", exp.nvme_path, "nvme_path", path)
+            preload_libaio()
     return ds
+
+
+def preload_libaio() -> None:
+    """DeepSpeed builds its async_io op for the CPU accelerator without linking libaio
+    (AsyncIOBuilder.extra_ldflags returns only -fopenmp there), so loading it fails with
+    'undefined symbol: io_submit'. Loading libaio globally first resolves the symbols."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("aio") or "libaio.so.1"
+    try:
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        raise ConfigError("NVMe offload needs libaio (apt-get install libaio-dev, then "
+                          "bash scripts/setup.sh)") from None
 
 
 def zero_stage(ds: dict) -> int:
