@@ -2,7 +2,8 @@
 from .config import DEFAULT_TARGETS, DSEEConfig
 from .delta import SparseLowRankDelta, sparse_low_rank_update
 from .inject import (Target, adapter_state_dict, compute_supports, dsee_layers,
-                     expected_trainable_count, inject, load_adapter, merge, resolve_targets,
+                     expected_trainable_count, inject, load_adapter, merge, merge_and_unload,
+                     resolve_targets,
                      save_adapter, supports_of, trainable_parameter_count, unmerge)
 from .layer import DSEELayer
 from .support import METHODS as SUPPORT_METHODS, select_supports
@@ -10,6 +11,6 @@ from .support import METHODS as SUPPORT_METHODS, select_supports
 __all__ = [
     "DEFAULT_TARGETS", "DSEEConfig", "DSEELayer", "SparseLowRankDelta", "SUPPORT_METHODS", "Target",
     "adapter_state_dict", "compute_supports", "dsee_layers", "expected_trainable_count", "inject",
-    "load_adapter", "merge", "resolve_targets", "save_adapter", "select_supports", "sparse_low_rank_update",
+    "load_adapter", "merge", "merge_and_unload", "resolve_targets", "save_adapter", "select_supports", "sparse_low_rank_update",
     "supports_of", "trainable_parameter_count", "unmerge",
 ]

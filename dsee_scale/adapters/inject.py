@@ -182,6 +182,14 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def merge_and_unload(model: nn.Module) -> None:
+    """Fold every update into its weight and put the plain Linear / Conv1D back (no DSEE left)."""
+    for name, layer in list(dsee_layers(model)):
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base_layer)
+
+
 def supports_of(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, layer in dsee_layers(model):

@@ -1,0 +1,151 @@
+"""Importance scores and the plans made from them (structured pruning).
+
+Head scores (one per q head and layer), as DSEE_METHOD.md section 2:
+  dsee:       sum over the head's rows of |B_q A_q + S_q| + |B_v A_v + S_v| (the learned update;
+              a q head reads the v rows of its kv group)
+  weight:     the same sums over |W_q| and |W_v|
+  activation: mean |output| of the head (the input of o_proj / c_proj) on calibration batches
+MLP channel scores: weight (|W_up| row + |W_gate| row + |W_down| column, L1) or activation
+(mean |input of down_proj|).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..adapters.layer import DSEELayer, slice_bounds, weight_out_in
+from .structured import LayerPlan, Plan, arch, blocks, dims
+
+HEAD_SCORES = ("dsee", "weight", "dsee+weight", "activation")
+CHANNEL_SCORES = ("weight", "activation")
+
+
+def _rows_of(layer, slice_name: str, use: str) -> torch.Tensor:
+    """|update| or |W| of a projection's output rows (out x in), for one slice."""
+    base = layer.base_layer if isinstance(layer, DSEELayer) else layer
+    lo, hi = slice_bounds(base, slice_name)
+    total = 0
+    if "weight" in use:
+        total = total + weight_out_in(base)[lo:hi].detach().float().abs()
+    if "dsee" in use:
+        if not isinstance(layer, DSEELayer) or slice_name not in layer.dsee:
+            raise ValueError("dsee head scores need DSEE updates on q and v")
+        total = total + layer.dsee[slice_name].delta_weight().detach().float().abs()
+    return total
+
+
+def _qv(block, kind):
+    if kind == "gpt2":
+        c = block.attn.c_attn
+        return (c, "q"), (c, "v")
+    full = "full"
+    return (block.self_attn.q_proj, full), (block.self_attn.v_proj, full)
+
+
+def head_scores(model, method: str = "dsee", activations: dict | None = None) -> torch.Tensor:
+    """(layers, q heads) importance."""
+    if method not in HEAD_SCORES:
+        raise ValueError(f"head score {method!r}; allowed: {', '.join(HEAD_SCORES)}")
+    H, KV, hd, _ = dims(model)
+    kind = arch(model)
+    out = []
+    for i, block in enumerate(blocks(model)):
+        if method == "activation":
+            out.append(activations["heads"][i].view(H, hd).sum(1))
+            continue
+        (q, qs), (v, vs) = _qv(block, kind)
+        q_rows = _rows_of(q, qs, method).sum(1).view(H, hd).sum(1)
+        v_rows = _rows_of(v, vs, method).sum(1).view(KV, hd).sum(1)
+        out.append(q_rows + v_rows.repeat_interleave(H // KV))
+    return torch.stack(out)
+
+
+def channel_scores(model, method: str = "weight", activations: dict | None = None) -> torch.Tensor:
+    """(layers, intermediate channels) importance."""
+    if method not in CHANNEL_SCORES:
+        raise ValueError(f"channel score {method!r}; allowed: {', '.join(CHANNEL_SCORES)}")
+    out = []
+    for i, block in enumerate(blocks(model)):
+        if method == "activation":
+            out.append(activations["channels"][i])
+            continue
+        if arch(model) == "gpt2":
+            ups, down = [block.mlp.c_fc], block.mlp.c_proj
+        else:
+            ups, down = [block.mlp.up_proj, block.mlp.gate_proj], block.mlp.down_proj
+        s = sum(_rows_of(u, "full", "weight").sum(1) for u in ups)
+        base = down.base_layer if isinstance(down, DSEELayer) else down
+        s = s + weight_out_in(base).detach().float().abs().sum(0)
+        out.append(s)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def collect_activations(model, batches) -> dict:
+    """Mean |input| of every o_proj / c_proj (per head row) and down_proj (per channel)."""
+    kind = arch(model)
+    sums: dict = {"heads": {}, "channels": {}}
+    count = 0
+    handles = []
+
+    def hook(store, i):
+        def f(module, args):
+            x = args[0].detach().float().abs()
+            store[i] = store.get(i, 0) + x.reshape(-1, x.shape[-1]).sum(0)
+        return f
+
+    for i, block in enumerate(blocks(model)):
+        o = block.attn.c_proj if kind == "gpt2" else block.self_attn.o_proj
+        d = block.mlp.c_proj if kind == "gpt2" else block.mlp.down_proj
+        handles += [o.register_forward_pre_hook(hook(sums["heads"], i)),
+                    d.register_forward_pre_hook(hook(sums["channels"], i))]
+    try:
+        for ids in batches:
+            model(input_ids=ids)
+            count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: {i: v / count for i, v in d.items()} for k, d in sums.items()}
+
+
+def make_plan(model, head_scores_: torch.Tensor | None, prune_heads: int,
+              channel_scores_: torch.Tensor | None = None, prune_channels: int = 0,
+              gqa: str = "per_group") -> Plan:
+    """Keep the best heads / channels in every layer, a uniform count per layer.
+
+    prune_heads: heads removed per layer; with GQA and gqa="per_group" it is the number of q
+    heads removed in EVERY kv group (so the q / kv ratio stays integral); with gqa="kv_groups"
+    it is the number of whole kv groups removed (with their q heads). Ties go to the lower index.
+    """
+    H, KV, hd, inter = dims(model)
+    n_rep = H // KV
+    plan = Plan()
+    for i in range(len(blocks(model))):
+        hs = head_scores_[i] if head_scores_ is not None else torch.zeros(H)
+        if n_rep == 1:
+            keep = _top(hs, H - prune_heads)
+            kv = keep
+        elif gqa == "per_group":
+            if prune_heads >= n_rep:
+                raise ValueError(f"cannot remove {prune_heads} of the {n_rep} q heads of a kv group")
+            keep = sorted(g * n_rep + j for g in range(KV)
+                          for j in _top(hs[g * n_rep:(g + 1) * n_rep], n_rep - prune_heads))
+            kv = list(range(KV))
+        elif gqa == "kv_groups":
+            if prune_heads >= KV:
+                raise ValueError(f"cannot remove {prune_heads} of {KV} kv groups")
+            kv = _top(hs.view(KV, n_rep).sum(1), KV - prune_heads)
+            keep = [g * n_rep + j for g in kv for j in range(n_rep)]
+        else:
+            raise ValueError(f"gqa: {gqa!r}; allowed: per_group, kv_groups")
+        channels = None
+        if prune_channels:
+            cs = channel_scores_[i] if channel_scores_ is not None else torch.zeros(inter)
+            channels = _top(cs, inter - prune_channels)
+        plan.layers.append(LayerPlan(q_heads=keep, kv_heads=kv, channels=channels))
+    return plan
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
+    return sorted(order.tolist())

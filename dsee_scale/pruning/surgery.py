@@ -1,0 +1,95 @@
+"""Physical removal of output rows / input columns from Linear, Conv1D and DSEE layers.
+
+`keep_outputs(layer, rows)` keeps the given output rows (for a DSEE layer: the base weight and
+bias rows, the rows of each update's B, and the entries of S whose row is kept, re-numbered).
+`keep_inputs(layer, cols)` keeps input columns (W's columns, A's columns, S entries whose column
+is kept). The result is a new, smaller module: the old tensors are not kept alive.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..adapters.delta import SparseLowRankDelta
+from ..adapters.layer import DSEELayer, slice_bounds
+
+
+def _index(rows, device) -> torch.Tensor:
+    return torch.as_tensor(sorted(rows), dtype=torch.long, device=device)
+
+
+def _plain_keep(layer: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
+    w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    conv = isinstance(layer, Conv1D)
+    w_oi = w.t() if conv else w  # out x in
+    if rows is not None:
+        w_oi = w_oi.index_select(0, rows)
+        b = None if b is None else b.index_select(0, rows)
+    if cols is not None:
+        w_oi = w_oi.index_select(1, cols)
+    out_f, in_f = w_oi.shape
+    if conv:
+        new = Conv1D(out_f, in_f)
+        new.weight = nn.Parameter(w_oi.t().contiguous(), requires_grad=layer.weight.requires_grad)
+        new.bias = nn.Parameter(b.clone() if b is not None else torch.zeros(out_f, dtype=w.dtype),
+                                requires_grad=False if layer.bias is None else layer.bias.requires_grad)
+    else:
+        new = nn.Linear(in_f, out_f, bias=b is not None, device=w.device, dtype=w.dtype)
+        new.weight = nn.Parameter(w_oi.contiguous(), requires_grad=layer.weight.requires_grad)
+        if b is not None:
+            new.bias = nn.Parameter(b.clone(), requires_grad=layer.bias.requires_grad)
+    return new
+
+
+def _delta_keep(d: SparseLowRankDelta, rows: torch.Tensor | None, cols: torch.Tensor | None
+                ) -> SparseLowRankDelta:
+    """The update restricted to kept rows (local to its slice) and kept columns."""
+    A, B = d.lora_A.detach(), d.lora_B.detach()
+    idx, vals = d.sparse_index, d.sparse_values.detach()
+    keep = torch.ones(idx.shape[1], dtype=torch.bool, device=idx.device)
+    new_r, new_c = idx[0], idx[1]
+    if rows is not None:
+        B = B.index_select(0, rows)
+        remap = torch.full((d.out_features,), -1, dtype=torch.long, device=idx.device)
+        remap[rows] = torch.arange(len(rows), device=idx.device)
+        new_r = remap[idx[0]]
+        keep &= new_r >= 0
+    if cols is not None:
+        A = A.index_select(1, cols)
+        remap = torch.full((d.in_features,), -1, dtype=torch.long, device=idx.device)
+        remap[cols] = torch.arange(len(cols), device=idx.device)
+        new_c = remap[idx[1]]
+        keep &= new_c >= 0
+    index = torch.stack([new_r[keep], new_c[keep]])
+    nd = SparseLowRankDelta(A.shape[1], B.shape[0], d.r, d.scaling * d.r, index,
+                            d.dropout.p if isinstance(d.dropout, nn.Dropout) else 0.0)
+    with torch.no_grad():
+        nd.lora_A.copy_(A)
+        nd.lora_B.copy_(B)
+        nd.sparse_values.copy_(vals[keep])
+    return nd.to(device=A.device, dtype=A.dtype)
+
+
+def keep_outputs(layer: nn.Module, rows) -> nn.Module:
+    """Keep output rows `rows` (global row numbers; for a fused q/k/v layer, rows of all three)."""
+    base = layer.base_layer if isinstance(layer, DSEELayer) else layer
+    rows_t = _index(rows, base.weight.device)
+    new_base = _plain_keep(base, rows_t, None)
+    if not isinstance(layer, DSEELayer):
+        return new_base
+    deltas = {}
+    for name, d in layer.dsee.items():
+        lo, hi = slice_bounds(base, name)
+        local = rows_t[(rows_t >= lo) & (rows_t < hi)] - lo
+        deltas[name] = _delta_keep(d, local, None)
+    return DSEELayer(new_base, deltas)
+
+
+def keep_inputs(layer: nn.Module, cols) -> nn.Module:
+    base = layer.base_layer if isinstance(layer, DSEELayer) else layer
+    cols_t = _index(cols, base.weight.device)
+    new_base = _plain_keep(base, None, cols_t)
+    if not isinstance(layer, DSEELayer):
+        return new_base
+    return DSEELayer(new_base, {n: _delta_keep(d, None, cols_t) for n, d in layer.dsee.items()})
