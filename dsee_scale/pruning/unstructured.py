@@ -1,0 +1,171 @@
+"""Unstructured pruning of the frozen weights, DSEE's way (DSEE_METHOD.md section 2).
+
+Scores of each weight entry (out x in):
+  magnitude: |W|
+  abs:       |(alpha/r)(BA + S)| on DSEE-targeted rows, |W| elsewhere (the authors' "ABS")
+  wabs:      |W + (alpha/r)(BA + S)| on targeted rows, |W| elsewhere ("WABS")
+  wanda:     |W| x ||x_j||_2, the input column's norm over calibration tokens (Sun et al. 2023)
+Masks keep the top (1 - ratio) of the scores, pooled over all chosen matrices ("global") or in
+each matrix ("layer"). Applying a mask zeroes W; W is frozen, so the zeros stay through
+re-tuning and checkpoints. The update (alpha/r)(BA + S) is dense on its rows, so merging refills
+zeros: `sparsity_report` tells the real sparsity of the merged weights, and
+`mask_merged` prunes the merged weights again.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..adapters.layer import DSEELayer, slice_bounds, weight_out_in
+
+UNSTRUCTURED_SCORES = ("magnitude", "abs", "wabs", "wanda")
+
+
+def prunable(model, patterns: list[str] | None = None) -> dict[str, nn.Module]:
+    """Linear / Conv1D / DSEE layers inside the transformer blocks (not embeddings, not lm_head),
+    or those whose names match `patterns` (fnmatch, suffix match)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, DSEELayer) or (isinstance(m, (nn.Linear, Conv1D)) and ".base_layer" not in name
+                                        and ".dsee." not in name):
+            if patterns:
+                if not any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p)
+                           for p in patterns):
+                    continue
+            elif ".h." not in name and ".layers." not in name:
+                continue
+            out[name] = m
+    return out
+
+
+def _w(layer) -> torch.Tensor:
+    base = layer.base_layer if isinstance(layer, DSEELayer) else layer
+    return weight_out_in(base)
+
+
+def update_of(layer) -> torch.Tensor | None:
+    """The dense out x in update of a DSEE layer (zeros outside its slices), else None."""
+    if not isinstance(layer, DSEELayer):
+        return None
+    w = _w(layer)
+    d = torch.zeros(w.shape, dtype=torch.float32)
+    for name, delta in layer.dsee.items():
+        lo, hi = slice_bounds(layer.base_layer, name)
+        d[lo:hi] = delta.delta_weight().detach().float()
+    return d
+
+
+def _targeted_rows(layer) -> torch.Tensor | None:
+    if not isinstance(layer, DSEELayer):
+        return None
+    rows = torch.zeros(_w(layer).shape[0], dtype=torch.bool)
+    for name in layer.dsee:
+        lo, hi = slice_bounds(layer.base_layer, name)
+        rows[lo:hi] = True
+    return rows
+
+
+@torch.no_grad()
+def scores(layers: dict[str, nn.Module], method: str, input_norms: dict | None = None
+           ) -> dict[str, torch.Tensor]:
+    if method not in UNSTRUCTURED_SCORES:
+        raise ValueError(f"unstructured score {method!r}; allowed: {', '.join(UNSTRUCTURED_SCORES)}")
+    out = {}
+    for name, layer in layers.items():
+        w = _w(layer).detach().float()
+        s = w.abs()
+        if method in ("abs", "wabs") and isinstance(layer, DSEELayer):
+            rows = _targeted_rows(layer)
+            d = update_of(layer)
+            s[rows] = (d if method == "abs" else w + d)[rows].abs()
+        elif method == "wanda":
+            if input_norms is None or name not in input_norms:
+                raise ValueError("wanda scores need input norms from calibration batches")
+            s = s * input_norms[name].float()[None, :]
+        out[name] = s
+    return out
+
+
+@torch.no_grad()
+def input_norms(model, layers: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
+    """||x_j||_2 over all calibration tokens, per input column of each layer."""
+    sq: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, layer in layers.items():
+        def hook(module, args, name=name):
+            x = args[0].detach().float()
+            sq[name] = sq.get(name, 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        for ids in batches:
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.sqrt() for k, v in sq.items()}
+
+
+def masks(score: dict[str, torch.Tensor], ratio: float, scope: str = "global") -> dict[str, torch.Tensor]:
+    """Boolean keep-masks removing `ratio` of the entries (ties: the lower flat index is kept)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"sparsity ratio {ratio}: must be in [0, 1)")
+    if scope == "layer":
+        return {k: _keep_top(s, ratio) for k, s in score.items()}
+    if scope != "global":
+        raise ValueError(f"scope {scope!r}: allowed global, layer")
+    flat = torch.cat([s.reshape(-1) for s in score.values()])
+    keep = _keep_top(flat, ratio)
+    out, i = {}, 0
+    for k, s in score.items():
+        out[k] = keep[i:i + s.numel()].view(s.shape)
+        i += s.numel()
+    return out
+
+
+def _keep_top(s: torch.Tensor, ratio: float) -> torch.Tensor:
+    n_prune = int(round(ratio * s.numel()))
+    keep = torch.ones(s.numel(), dtype=torch.bool)
+    if n_prune:
+        order = torch.sort(s.reshape(-1), stable=True).indices  # ascending: lowest first
+        keep[order[:n_prune]] = False
+    return keep.view(s.shape)
+
+
+@torch.no_grad()
+def apply_masks(layers: dict[str, nn.Module], keep: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned entries of each frozen weight."""
+    for name, m in keep.items():
+        w = _w(layers[name])
+        w.mul_(m.to(w.dtype))
+
+
+@torch.no_grad()
+def mask_merged(layers: dict[str, nn.Module], keep: dict[str, torch.Tensor]) -> None:
+    """For merged layers: zero the pruned entries again (the merged update had refilled them)."""
+    for name, m in keep.items():
+        layer = layers[name]
+        if isinstance(layer, DSEELayer) and not layer.merged:
+            raise ValueError(f"{name} is not merged; merge(model) first")
+        w = _w(layer)
+        w.mul_(m.to(w.dtype))
+
+
+@torch.no_grad()
+def sparsity_report(layers: dict[str, nn.Module]) -> dict:
+    """Zero fraction of the frozen weights and of the weights a merged export would have."""
+    total = zeros_w = zeros_merged = 0
+    per = {}
+    for name, layer in layers.items():
+        w = _w(layer).detach().float()
+        d = update_of(layer) if not (isinstance(layer, DSEELayer) and layer.merged) else None
+        merged = w if d is None else w + d
+        zw, zm = int((w == 0).sum()), int((merged == 0).sum())
+        per[name] = {"weight": zw / w.numel(), "merged": zm / w.numel()}
+        total += w.numel()
+        zeros_w += zw
+        zeros_merged += zm
+    return {"weight_sparsity": zeros_w / total, "merged_sparsity": zeros_merged / total,
+            "per_matrix": per}
