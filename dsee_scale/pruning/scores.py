@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters.layer import DSEELayer, slice_bounds, weight_out_in
-from .structured import LayerPlan, Plan, arch, blocks, dims
+from .structured import LayerPlan, Plan, arch, blocks, dims, num_layers
 
 HEAD_SCORES = ("dsee", "weight", "dsee+weight", "activation")
 CHANNEL_SCORES = ("weight", "activation")
@@ -41,42 +41,44 @@ def _qv(block, kind):
     return (block.self_attn.q_proj, full), (block.self_attn.v_proj, full)
 
 
+def block_head_scores(block, config, method: str) -> torch.Tensor:
+    """(q heads,) importance in one decoder block (its weights must be whole: gathered)."""
+    H, KV, hd, _ = dims(config)
+    (q, qs), (v, vs) = _qv(block, arch(config))
+    q_rows = _rows_of(q, qs, method).sum(1).view(H, hd).sum(1)
+    v_rows = _rows_of(v, vs, method).sum(1).view(KV, hd).sum(1)
+    return q_rows + v_rows.repeat_interleave(H // KV)
+
+
+def block_channel_scores(block, config) -> torch.Tensor:
+    """(intermediate channels,) weight importance in one decoder block."""
+    if arch(config) == "gpt2":
+        ups, down = [block.mlp.c_fc], block.mlp.c_proj
+    else:
+        ups, down = [block.mlp.up_proj, block.mlp.gate_proj], block.mlp.down_proj
+    s = sum(_rows_of(u, "full", "weight").sum(1) for u in ups)
+    base = down.base_layer if isinstance(down, DSEELayer) else down
+    return s + weight_out_in(base).detach().float().abs().sum(0)
+
+
 def head_scores(model, method: str = "dsee", activations: dict | None = None) -> torch.Tensor:
     """(layers, q heads) importance."""
     if method not in HEAD_SCORES:
         raise ValueError(f"head score {method!r}; allowed: {', '.join(HEAD_SCORES)}")
     H, KV, hd, _ = dims(model)
-    kind = arch(model)
-    out = []
-    for i, block in enumerate(blocks(model)):
-        if method == "activation":
-            out.append(activations["heads"][i].view(H, hd).sum(1))
-            continue
-        (q, qs), (v, vs) = _qv(block, kind)
-        q_rows = _rows_of(q, qs, method).sum(1).view(H, hd).sum(1)
-        v_rows = _rows_of(v, vs, method).sum(1).view(KV, hd).sum(1)
-        out.append(q_rows + v_rows.repeat_interleave(H // KV))
-    return torch.stack(out)
+    if method == "activation":
+        return torch.stack([activations["heads"][i].view(H, hd).sum(1)
+                            for i in range(num_layers(model))])
+    return torch.stack([block_head_scores(b, model.config, method) for b in blocks(model)])
 
 
 def channel_scores(model, method: str = "weight", activations: dict | None = None) -> torch.Tensor:
     """(layers, intermediate channels) importance."""
     if method not in CHANNEL_SCORES:
         raise ValueError(f"channel score {method!r}; allowed: {', '.join(CHANNEL_SCORES)}")
-    out = []
-    for i, block in enumerate(blocks(model)):
-        if method == "activation":
-            out.append(activations["channels"][i])
-            continue
-        if arch(model) == "gpt2":
-            ups, down = [block.mlp.c_fc], block.mlp.c_proj
-        else:
-            ups, down = [block.mlp.up_proj, block.mlp.gate_proj], block.mlp.down_proj
-        s = sum(_rows_of(u, "full", "weight").sum(1) for u in ups)
-        base = down.base_layer if isinstance(down, DSEELayer) else down
-        s = s + weight_out_in(base).detach().float().abs().sum(0)
-        out.append(s)
-    return torch.stack(out)
+    if method == "activation":
+        return torch.stack([activations["channels"][i] for i in range(num_layers(model))])
+    return torch.stack([block_channel_scores(b, model.config) for b in blocks(model)])
 
 
 @torch.no_grad()
@@ -120,7 +122,7 @@ def make_plan(model, head_scores_: torch.Tensor | None, prune_heads: int,
     H, KV, hd, inter = dims(model)
     n_rep = H // KV
     plan = Plan()
-    for i in range(len(blocks(model))):
+    for i in range(num_layers(model)):
         hs = head_scores_[i] if head_scores_ is not None else torch.zeros(H)
         if n_rep == 1:
             keep = _top(hs, H - prune_heads)

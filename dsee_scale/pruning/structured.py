@@ -34,23 +34,32 @@ class Plan:
         return {"layers": [vars(lp) for lp in self.layers]}
 
 
-def arch(model) -> str:
-    t = model.config.model_type
-    if t in ("gpt2", "dsee_gpt2"):
+def _cfg(model_or_config):
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def arch(model_or_config) -> str:
+    c = _cfg(model_or_config)
+    if c.model_type in ("gpt2", "dsee_gpt2"):
         return "gpt2"
-    if hasattr(model, "model") and hasattr(model.model, "layers"):
+    if hasattr(c, "num_key_value_heads") and hasattr(c, "intermediate_size"):
         return "llama"
-    raise ValueError(f"structured pruning supports GPT-2 and LLaMA-style models, not {t!r}")
+    raise ValueError(f"structured pruning supports GPT-2 and LLaMA-style models, not {c.model_type!r}")
 
 
-def dims(model) -> tuple[int, int, int, int]:
-    """(num q heads, num kv heads, head_dim, intermediate size) of the model's config."""
-    c = model.config
-    if arch(model) == "gpt2":
+def dims(model_or_config) -> tuple[int, int, int, int]:
+    """(num q heads, num kv heads, head_dim, intermediate size) of a model or config."""
+    c = _cfg(model_or_config)
+    if arch(c) == "gpt2":
         hd = getattr(c, "head_dim", None) or c.n_embd // c.n_head
         return c.n_head, c.n_head, hd, c.n_inner or 4 * c.n_embd
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return c.num_attention_heads, c.num_key_value_heads, hd, c.intermediate_size
+
+
+def num_layers(model_or_config) -> int:
+    c = _cfg(model_or_config)
+    return c.n_layer if arch(c) == "gpt2" else c.num_hidden_layers
 
 
 def _rows(heads: list[int], head_dim: int, offset: int = 0) -> list[int]:
@@ -63,8 +72,21 @@ def blocks(model):
 
 def apply_plan(model, plan: Plan) -> None:
     """Remove the heads / channels the plan does not keep; update the config. In place."""
-    H, KV, hd, inter = dims(model)
     kind = arch(model)
+    H, KV, hd, inter = dims(model)
+    nq, nkv, nch = plan_sizes(plan, inter)
+    for block, lp in zip(blocks(model), plan.layers):
+        prune_block(block, kind, lp, H, hd)
+    new = pruned_config(model.config, nq, nkv, hd, nch)
+    model.config = new
+    (model.transformer if kind == "gpt2" else model.model).config = new
+    if kind == "gpt2":
+        for block in blocks(model):
+            block.attn.config = new
+
+
+def plan_sizes(plan: Plan, inter: int) -> tuple[int, int, int]:
+    """(q heads, kv heads, channels) that every layer keeps; refuses non-uniform plans."""
     counts = {(len(lp.q_heads), len(lp.kv_heads)) for lp in plan.layers}
     ch_counts = {len(lp.channels) if lp.channels is not None else inter for lp in plan.layers}
     if len(counts) != 1 or len(ch_counts) != 1:
@@ -72,63 +94,57 @@ def apply_plan(model, plan: Plan) -> None:
     (nq, nkv), (nch,) = counts.pop(), ch_counts
     if nq % nkv:
         raise ValueError(f"{nq} q heads do not split evenly over {nkv} kv heads")
-    for block, lp in zip(blocks(model), plan.layers):
-        if kind == "gpt2":
-            attn, mlp = block.attn, block.mlp
-            width = H * hd
-            rows = [r for part in range(3) for r in _rows(lp.q_heads, hd, part * width)]
-            attn.c_attn = keep_outputs(attn.c_attn, rows)
-            attn.c_proj = keep_inputs(attn.c_proj, _rows(lp.q_heads, hd))
-            attn.num_heads, attn.split_size = nq, nq * hd
-            if lp.channels is not None:
-                mlp.c_fc = keep_outputs(mlp.c_fc, lp.channels)
-                mlp.c_proj = keep_inputs(mlp.c_proj, lp.channels)
-        else:
-            attn, mlp = block.self_attn, block.mlp
-            attn.q_proj = keep_outputs(attn.q_proj, _rows(lp.q_heads, hd))
-            attn.k_proj = keep_outputs(attn.k_proj, _rows(lp.kv_heads, hd))
-            attn.v_proj = keep_outputs(attn.v_proj, _rows(lp.kv_heads, hd))
-            attn.o_proj = keep_inputs(attn.o_proj, _rows(lp.q_heads, hd))
-            attn.num_key_value_groups = nq // nkv
-            if hasattr(attn, "num_heads"):
-                attn.num_heads = nq
-            if lp.channels is not None:
-                for name in ("gate_proj", "up_proj"):
-                    setattr(mlp, name, keep_outputs(getattr(mlp, name), lp.channels))
-                mlp.down_proj = keep_inputs(mlp.down_proj, lp.channels)
-    _update_config(model, kind, nq, nkv, hd, nch)
+    return nq, nkv, nch
 
 
-def _update_config(model, kind: str, nq: int, nkv: int, hd: int, nch: int) -> None:
-    c = model.config
+def prune_block(block, kind: str, lp: LayerPlan, H: int, hd: int) -> None:
+    """Surgery on one decoder block (plain or DSEE-injected), in place."""
+    nq, nkv = len(lp.q_heads), len(lp.kv_heads)
     if kind == "gpt2":
-        from .pruned_models import DSEEGPT2Config
+        attn, mlp = block.attn, block.mlp
+        width = H * hd
+        rows = [r for part in range(3) for r in _rows(lp.q_heads, hd, part * width)]
+        attn.c_attn = keep_outputs(attn.c_attn, rows)
+        attn.c_proj = keep_inputs(attn.c_proj, _rows(lp.q_heads, hd))
+        attn.num_heads, attn.split_size = nq, nq * hd
+        if lp.channels is not None:
+            mlp.c_fc = keep_outputs(mlp.c_fc, lp.channels)
+            mlp.c_proj = keep_inputs(mlp.c_proj, lp.channels)
+        return
+    attn, mlp = block.self_attn, block.mlp
+    attn.q_proj = keep_outputs(attn.q_proj, _rows(lp.q_heads, hd))
+    attn.k_proj = keep_outputs(attn.k_proj, _rows(lp.kv_heads, hd))
+    attn.v_proj = keep_outputs(attn.v_proj, _rows(lp.kv_heads, hd))
+    attn.o_proj = keep_inputs(attn.o_proj, _rows(lp.q_heads, hd))
+    attn.num_key_value_groups = nq // nkv
+    if hasattr(attn, "num_heads"):
+        attn.num_heads = nq
+    if lp.channels is not None:
+        for name in ("gate_proj", "up_proj"):
+            setattr(mlp, name, keep_outputs(getattr(mlp, name), lp.channels))
+        mlp.down_proj = keep_inputs(mlp.down_proj, lp.channels)
 
-        d = c.to_dict()
-        for k in ("model_type", "transformers_version", "architectures"):
-            d.pop(k, None)
+
+def pruned_config(c, nq: int, nkv: int, hd: int, nch: int):
+    """A new config with the pruned sizes: standard where transformers allows it, else the
+    registered dsee_gpt2 / dsee_llama type (pruned_models.py)."""
+    from .pruned_models import DSEEGPT2Config, DSEELlamaConfig
+
+    d = c.to_dict()
+    for k in ("model_type", "transformers_version", "architectures"):
+        d.pop(k, None)
+    if arch(c) == "gpt2":
         d.update(n_head=nq, head_dim=hd, n_inner=nch)
-        new = DSEEGPT2Config(**d)
-        new._attn_implementation = c._attn_implementation
-        new.architectures = ["DSEEGPT2LMHeadModel"]
-        model.config = new
-        model.transformer.config = new
-        for block in blocks(model):
-            block.attn.config = new
-    elif c.hidden_size % nq == 0:  # still a standard LLaMA config
-        c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size = nq, nkv, hd, nch
+        new, archs = DSEEGPT2Config(**d), ["DSEEGPT2LMHeadModel"]
     else:
-        from .pruned_models import DSEELlamaConfig
-
-        d = c.to_dict()
-        for k in ("model_type", "transformers_version", "architectures"):
-            d.pop(k, None)
         d.update(num_attention_heads=nq, num_key_value_heads=nkv, head_dim=hd, intermediate_size=nch)
-        new = DSEELlamaConfig(**d)
-        new._attn_implementation = c._attn_implementation
-        new.architectures = ["DSEELlamaForCausalLM"]
-        model.config = new
-        model.model.config = new
+        if c.hidden_size % nq == 0:  # still a standard LLaMA-family config
+            new, archs = type(c)(**d), list(c.architectures or [])
+        else:
+            new, archs = DSEELlamaConfig(**d), ["DSEELlamaForCausalLM"]
+    new._attn_implementation = c._attn_implementation
+    new.architectures = archs
+    return new
 
 
 def mask_hooks(model, plan: Plan):
