@@ -6,6 +6,7 @@
     train:      TrainConfig    steps, batch sizes, lr, schedule, precision, ...
     eval:       EvalConfig
     checkpoint: CheckpointConfig
+    prune:      PruneConfig    what launchers/prune.py removes (see pruning/run.py)
     deepspeed:  path of the engine JSON (ds_configs/)
     nvme_path:  where ZeRO's NVMe offload swaps (needed by zero3_offload_nvme.json)
     output_dir: checkpoints, TensorBoard events, logs
@@ -114,6 +115,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class PruneConfig:
+    """The `prune:` section."""
+
+    kind: Literal["structured", "unstructured"] = "structured"
+    heads_per_layer: int = 0  # q heads removed per layer (per kv group with gqa: per_group)
+    gqa: Literal["per_group", "kv_groups"] = "per_group"
+    channels_per_layer: int = 0  # MLP channels removed per layer
+    head_score: Literal["dsee", "weight", "dsee+weight"] = "dsee"
+    ratio: float = 0.5  # unstructured: share of the chosen weights set to zero
+    scope: Literal["global", "layer"] = "global"
+    score: Literal["magnitude", "abs", "wabs"] = "wabs"
+    targets: list[str] = field(default_factory=list)  # unstructured: patterns (default: all block linears)
+
+    def validate(self, section: str = "prune") -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"{section}.ratio: got {self.ratio}, must be in [0, 1)")
+        if self.heads_per_layer < 0 or self.channels_per_layer < 0:
+            raise ConfigError(f"{section}: heads_per_layer and channels_per_layer must be >= 0")
+        if self.kind == "structured" and not (self.heads_per_layer or self.channels_per_layer):
+            raise ConfigError(f"{section}: structured pruning needs heads_per_layer or channels_per_layer > 0")
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dsee: DSEEConfig = field(default_factory=DSEEConfig)
@@ -121,6 +145,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    prune: Optional[PruneConfig] = None
     deepspeed: str = "ds_configs/zero3.json"
     nvme_path: Optional[str] = None
     output_dir: str = "runs/experiment"

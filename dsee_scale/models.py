@@ -23,7 +23,7 @@ class ModelConfig:
     path: Optional[str] = None  # a local Hugging Face model directory
     gguf_file: Optional[str] = None  # a .gguf file (dequantized on load; needs `gguf`)
     config: Optional[dict[str, Any]] = None  # transformers config kwargs incl. model_type
-    tokenizer: Optional[str] = None  # a tokenizer directory, if not beside the model
+    tokenizer: Optional[str] = None  # a tokenizer directory or .gguf file, if not beside the model
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0  # for random weights
 
@@ -106,7 +106,10 @@ def load_tokenizer(cfg: ModelConfig):
     cfg = resolve_preset(cfg)
     source = cfg.tokenizer or cfg.path
     try:
-        if source is not None:
+        if source is not None and str(source).endswith(".gguf"):  # a tokenizer inside a GGUF
+            g = Path(source)
+            tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+        elif source is not None:
             if not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
                 if cfg.tokenizer is not None:
                     raise ConfigError(f"model.tokenizer: {source!r} holds no tokenizer files "

@@ -31,10 +31,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed deprecations
 
     from dsee_scale.experiment import load_experiment
+    from dsee_scale.training.distributed import exit_now
     from dsee_scale.training.trainer import run
 
     overrides = list(args.overrides) + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
     run(load_experiment(args.config, overrides), resume=args.resume)
+    exit_now(0)
 
 
 if __name__ == "__main__":

@@ -53,10 +53,15 @@ def write_config(path: Path, model_dir: Path, output_dir: Path, cache_dir: Path,
     return path
 
 
-def launch(config: Path, nproc: int = 1, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """nproc == 1: plain `python launchers/train.py`; else the real deepspeed launcher."""
+def launch(config: Path, nproc: int = 1, *extra: str, timeout: int = 600,
+           config_path: Path | None = None) -> subprocess.CompletedProcess:
+    """nproc == 1: plain `python <script>`; else the real deepspeed launcher. `config` is the
+    experiment YAML for launchers/train.py; for another launcher pass the script as `config`
+    and the YAML as `config_path`."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     script = str(ROOT / "launchers" / "train.py")
+    if str(config).endswith(".py"):
+        script, config = str(config), config_path
     if nproc == 1:
         cmd = [sys.executable, script, "--config", str(config), *extra]
     else:

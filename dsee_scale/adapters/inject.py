@@ -130,7 +130,8 @@ def compute_supports(weights: dict[str, torch.Tensor], targets: list[Target],
 def build_delta(model: nn.Module, t: Target, cfg: DSEEConfig, index: torch.Tensor,
                 dtype: torch.dtype | None = None) -> SparseLowRankDelta:
     rows, cols = target_shape(model, t)
-    if tuple(index.shape) != (2, cfg.num_sparse) or (index.numel() and (
+    # N may be smaller than num_sparse after structured pruning cut rows / columns of S
+    if index.dim() != 2 or index.shape[0] != 2 or index.shape[1] > cfg.num_sparse or (index.numel() and (
             int(index[0].max()) >= rows or int(index[1].max()) >= cols or int(index.min()) < 0)):
         raise UserError(f"support for {t.key} does not fit a {rows} x {cols} matrix "
                         f"with num_sparse={cfg.num_sparse}")

@@ -23,7 +23,6 @@ import torch
 import yaml
 
 from ..adapters.config import DSEEConfig
-from ..adapters.delta import SparseLowRankDelta
 from ..adapters.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..config import from_dict
 from ..errors import UserError
@@ -112,18 +111,6 @@ def hf_config(model_cfg: ModelConfig, overrides: dict | None = None):
     return cfg
 
 
-def _delta(ck: ZeroCheckpoint, prefix: str, cfg: DSEEConfig) -> SparseLowRankDelta:
-    """The trained update of one layer slice, rebuilt from the checkpoint."""
-    A = ck.tensor(f"{prefix}.lora_A")
-    B = ck.tensor(f"{prefix}.lora_B")
-    d = SparseLowRankDelta(A.shape[1], B.shape[0], cfg.r, cfg.alpha, ck.tensor(f"{prefix}.sparse_index"))
-    with torch.no_grad():
-        d.lora_A.copy_(A)
-        d.lora_B.copy_(B)
-        d.sparse_values.copy_(ck.tensor(f"{prefix}.sparse_values"))
-    return d
-
-
 def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: dict, tied: bool):
     """(name, tensor, source dtype) of the merged model in the checkpoint's order, one at a time."""
     for name in ck.names():
@@ -142,7 +129,7 @@ def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: dict, tied: boo
                 w_oi = w.t() if info["kind"] == "conv1d" else w  # out x in view
                 with torch.no_grad():
                     for s, (lo, hi) in info["slices"].items():
-                        w_oi[lo:hi] += _delta(ck, f"{layer}.dsee.{s}", dsee).delta_weight()
+                        w_oi[lo:hi] += ck.dsee_delta(f"{layer}.dsee.{s}", dsee).delta_weight()
                 yield out_name, w, ck.dtype_of(name)
             else:
                 yield out_name, t, ck.dtype_of(name)

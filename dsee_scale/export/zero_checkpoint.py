@@ -142,6 +142,19 @@ class ZeroCheckpoint:
             return self.model_states[0]["module"][name].clone()  # a buffer
         raise KeyError(name)
 
+    def dsee_delta(self, prefix: str, cfg):
+        """The trained update at `prefix` (e.g. 'model.layers.0.self_attn.q_proj.dsee.full')."""
+        from ..adapters.delta import SparseLowRankDelta
+
+        A, B = self.tensor(f"{prefix}.lora_A"), self.tensor(f"{prefix}.lora_B")
+        d = SparseLowRankDelta(A.shape[1], B.shape[0], cfg.r, cfg.alpha,
+                               self.tensor(f"{prefix}.sparse_index"), cfg.dropout)
+        with torch.no_grad():
+            d.lora_A.copy_(A)
+            d.lora_B.copy_(B)
+            d.sparse_values.copy_(self.tensor(f"{prefix}.sparse_values"))
+        return d
+
     def dtype_of(self, name: str) -> torch.dtype:
         if name in self.trainable_shapes:
             return torch.float32

@@ -93,8 +93,24 @@ def dsee_histograms(model, monitor: Monitor, step: int) -> None:
                                   torch.cat([p.detach().reshape(-1).float().cpu() for p in params]))
 
 
-def run(exp, resume: bool = False) -> dict:
-    """Train `exp`; returns a summary (final losses, steps) on every rank."""
+def restore_frozen(model, root, tag: str, rank: int) -> None:
+    """DeepSpeed's universal checkpoints carry the trained (optimizer) parameters only: frozen
+    weights would stay as the freshly built model has them (wrong for pruned or random-config
+    models). Read them from the original checkpoint, one at a time."""
+    from ..export.zero_checkpoint import ZeroCheckpoint
+    from ..zero import copy_full_into
+
+    ck = ZeroCheckpoint(root, tag)
+    for name, p in model.named_parameters():
+        if not p.requires_grad and name in ck.frozen_shapes:
+            copy_full_into(model, name, ck.tensor(name), rank)
+
+
+def run(exp, resume: bool = False, build=None) -> dict:
+    """Train `exp`; returns a summary (final losses, steps) on every rank.
+
+    build(exp, ds, rank, world) -> (model, supports): a custom way to make the DSEE model for a
+    fresh run (the pruning launcher builds the pruned model with it); default: load + inject."""
     setup_env()
     import deepspeed
 
@@ -115,7 +131,11 @@ def run(exp, resume: bool = False) -> dict:
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    model = build_model(exp, ds)
+    t_build = time.perf_counter()
+    if build is not None and not resume:
+        model, supports = build(exp, ds, rank, world)
+    else:
+        model = build_model(exp, ds)
     tokenizer = load_tokenizer(exp.model) or ByteTokenizer()
     check_model_fits_data(model, tokenizer, exp.data.block_size)
     if rank == 0:  # tokenize once into the cache; the other ranks then read it
@@ -138,7 +158,9 @@ def run(exp, resume: bool = False) -> dict:
                 bar = tqdm(total=total, desc=f"supports ({exp.dsee.support})", unit="matrix")
             bar.update(done - bar.n)
 
-    if resume:
+    if build is not None and not resume:
+        inject_s = time.perf_counter() - t_build
+    elif resume:
         supports = ckpt.load_supports(root, meta["tag"])
         check_num_sparse(model, resolve_targets(model, exp.dsee), exp.dsee)
         inject(model, exp.dsee, supports)
@@ -164,6 +186,8 @@ def run(exp, resume: bool = False) -> dict:
         if path is None:
             raise ConfigError(f"--resume: DeepSpeed could not load {root / load_tag}")
         start = int(meta["step"])
+        if load_tag != meta["tag"]:
+            restore_frozen(engine.module, root, meta["tag"], rank)
 
     monitor = Monitor(out / "tensorboard", rank == 0, total_steps, start)
     log_path = out / "train_log.jsonl"

@@ -96,3 +96,17 @@ def gathered_state(module: nn.Module, names: Iterable[str] | None = None) -> dic
         with gathered([p]):
             out[n] = p.detach().cpu().clone()
     return out
+
+
+def copy_full_into(model: nn.Module, name: str, src: torch.Tensor, rank: int) -> None:
+    """Write the full tensor `src` into parameter / buffer `name` (partitioned or not): gathered
+    alone, written by rank 0, re-partitioned on exit."""
+    try:
+        target = model.get_parameter(name)
+    except AttributeError:
+        target = model.get_buffer(name)
+    with torch.no_grad(), gathered([target], modifier_rank=0):
+        if rank == 0 or not is_partitioned(target):
+            if tuple(target.shape) != tuple(src.shape):
+                raise RuntimeError(f"{name}: source shape {tuple(src.shape)} != model {tuple(target.shape)}")
+            target.copy_(src.to(target.dtype))

@@ -1,0 +1,191 @@
+"""The pruning run behind `deepspeed launchers/prune.py`: score, prune, rebuild, re-tune.
+
+1. The tuned ZeRO-3 checkpoint is read one decoder block at a time (memory-mapped, no
+   DeepSpeed): each block is rebuilt on CPU with its DSEE updates and scored. Every rank scores
+   every block from the same files, so all ranks take the same decision; a digest of the plan
+   is compared across ranks to make sure.
+2. The smaller model is built under ZeRO-3 (partitioned as it is created, from the pruned
+   config), DSEE is injected with the cut supports, and the kept slices are copied in block by
+   block (each partitioned parameter gathered alone, written by rank 0). No rank holds the whole
+   model, pruned or not.
+3. Re-tuning is an ordinary training run (training/trainer.py) of A, B and S with the pruned W
+   frozen; its checkpoints carry the pruned architecture in experiment.yaml, so
+   `launchers/train.py --resume` and `launchers/export.py` work on them as on any run.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import replace
+
+import torch
+import yaml
+
+from ..adapters import DSEEConfig, DSEELayer, inject, supports_of
+from ..config import from_dict
+from ..errors import ConfigError, UserError
+from ..experiment import PruneConfig
+from ..export import hf_config
+from ..export.zero_checkpoint import ZeroCheckpoint
+from ..models import ModelConfig, load_tokenizer, resolve_preset
+from . import unstructured as U
+from .scores import block_channel_scores, block_head_scores, make_plan
+from .structured import Plan, arch, blocks, dims, num_layers, plan_sizes, prune_block, pruned_config
+
+
+class CheckpointModel:
+    """The tuned model of a checkpoint, handed out one CPU block at a time."""
+
+    def __init__(self, ckpt_dir: str):
+        from transformers import AutoModelForCausalLM
+
+        self.ck = ZeroCheckpoint(ckpt_dir)
+        exp_path = self.ck.dir / "experiment.yaml"
+        if not exp_path.is_file():
+            raise UserError(f"--from: {str(self.ck.dir)!r} has no experiment.yaml (not a dsee-scale checkpoint)")
+        self.tuned = yaml.safe_load(exp_path.read_text())
+        self.model_cfg = from_dict(ModelConfig, self.tuned["model"], "model")
+        self.dsee = from_dict(DSEEConfig, self.tuned["dsee"], "dsee")
+        self.config = hf_config(self.model_cfg)
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(self.config)
+        self.prefix = "transformer.h." if arch(self.config) == "gpt2" else "model.layers."
+        self.layout = self.ck.meta.get("dsee_layers") or {}
+
+    def block(self, i: int) -> torch.nn.Module:
+        """Block i on CPU (float32), with its trained DSEE updates, weights from the checkpoint."""
+        b = copy.deepcopy(blocks(self.skeleton)[i]).to_empty(device="cpu").float()
+        pre = f"{self.prefix}{i}."
+        for name, info in self.layout.items():
+            if not name.startswith(pre):
+                continue
+            rel = name[len(pre):]
+            base = b.get_submodule(rel)
+            deltas = {s: self.ck.dsee_delta(f"{name}.dsee.{s}", self.dsee) for s in info["slices"]}
+            parent, _, child = rel.rpartition(".")
+            setattr(b.get_submodule(parent) if parent else b, child, DSEELayer(base, deltas))
+        state = {}
+        for k in b.state_dict():
+            t = self.ck.tensor(pre + k)
+            state[k] = t.float() if t.is_floating_point() else t
+        b.load_state_dict(state, strict=True)
+        return b
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def structured_plan(cm: CheckpointModel, pc: PruneConfig) -> Plan:
+    n = num_layers(cm.config)
+    hs, cs = [], []
+    for i in range(n):
+        b = cm.block(i)
+        if pc.heads_per_layer:
+            hs.append(block_head_scores(b, cm.config, pc.head_score))
+        if pc.channels_per_layer:
+            cs.append(block_channel_scores(b, cm.config))
+    return make_plan(cm.config, torch.stack(hs) if hs else None, pc.heads_per_layer,
+                     torch.stack(cs) if cs else None, pc.channels_per_layer, pc.gqa)
+
+
+def unstructured_masks(cm: CheckpointModel, pc: PruneConfig) -> dict[int, dict[str, torch.Tensor]]:
+    """Keep-masks per block (names relative to the block)."""
+    per_block = {}
+    for i in range(num_layers(cm.config)):
+        b = cm.block(i)
+        layers = U.prunable(b, pc.targets or ["*"])
+        per_block[i] = U.scores(layers, pc.score)
+    if pc.scope == "layer":
+        return {i: U.masks(s, pc.ratio, "layer") for i, s in per_block.items()}
+    flat = {f"{i}/{k}": v for i, s in per_block.items() for k, v in s.items()}
+    keep = U.masks(flat, pc.ratio, "global")
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, m in keep.items():
+        i, k = key.split("/", 1)
+        out.setdefault(int(i), {})[k] = m
+    return out
+
+
+def pruned_block(cm: CheckpointModel, i: int, pc: PruneConfig, plan: Plan | None, keep) -> torch.nn.Module:
+    b = cm.block(i)
+    if plan is not None:
+        H, _, hd, _ = dims(cm.config)
+        prune_block(b, arch(cm.config), plan.layers[i], H, hd)
+    if keep is not None:
+        U.apply_masks(U.prunable(b, pc.targets or ["*"]), keep[i])
+    return b
+
+
+def prepare(exp, from_dir: str, rank: int):
+    """Score and decide; returns (the pruned experiment to re-tune, a builder for trainer.run,
+    a summary)."""
+    from ..zero import all_gather_objects
+
+    pc = exp.prune
+    if pc is None:
+        raise ConfigError("prune: the experiment has no prune section")
+    cm = CheckpointModel(from_dir)
+    plan = keep = None
+    if pc.kind == "structured":
+        plan = structured_plan(cm, pc)
+        H, KV, hd, inter = dims(cm.config)
+        nq, nkv, nch = plan_sizes(plan, inter)
+        new_config = pruned_config(cm.config, nq, nkv, hd, nch)
+        decision = plan.to_dict()
+    else:
+        keep = unstructured_masks(cm, pc)
+        new_config = cm.config
+        decision = {i: {k: hashlib.sha256(m.numpy().tobytes()).hexdigest() for k, m in d.items()}
+                    for i, d in keep.items()}
+    d = digest(decision)
+    if len(set(all_gather_objects(d))) != 1:
+        raise RuntimeError("ranks took different pruning decisions")
+
+    src = resolve_preset(cm.model_cfg)
+    has_tokenizer = load_tokenizer(src) is not None  # random / bare models: byte tokens
+    tokenizer = (src.tokenizer or src.path or src.gguf_file) if has_tokenizer else None
+    cfg_dict = new_config.to_dict()
+    cfg_dict.pop("transformers_version", None)
+    cfg_dict.pop("architectures", None)
+    cfg_dict.pop("dtype", None)
+    pruned_exp = replace(exp, model=ModelConfig(config=cfg_dict, tokenizer=tokenizer,
+                                                dtype=cm.model_cfg.dtype),
+                         dsee=copy.deepcopy(cm.dsee))
+
+    def build(exp_, ds, rank_, world_):
+        return build_pruned(cm, pc, plan, keep, exp_, ds, rank_)
+
+    summary = {"from": str(cm.ck.dir), "kind": pc.kind, "decision_digest": d, "decision": decision,
+               "config": {k: cfg_dict.get(k) for k in ("num_attention_heads", "num_key_value_heads",
+                                                       "intermediate_size", "n_head", "n_inner",
+                                                       "head_dim") if k in cfg_dict}}
+    return pruned_exp, build, summary
+
+
+def build_pruned(cm: CheckpointModel, pc: PruneConfig, plan, keep, exp, ds, rank: int):
+    """The pruned DSEE model, partitioned under ZeRO-3, with the kept weights copied in."""
+    from ..training.engine import build_model
+    from ..zero import copy_full_into
+
+    model = build_model(exp, ds)  # random init from the pruned config, partitioned
+    supports, states = {}, {}
+    prefix = cm.prefix
+    for i in range(num_layers(cm.config)):  # supports first: inject needs all of them
+        b = pruned_block(cm, i, pc, plan, keep)
+        supports.update({f"{prefix}{i}.{k}": v for k, v in supports_of(b).items()})
+        del b
+    inject(model, exp.dsee, supports)
+    block_names = {n for n, _ in model.named_parameters() if n.startswith(prefix)}
+    for i in range(num_layers(cm.config)):
+        b = pruned_block(cm, i, pc, plan, keep)
+        states = b.state_dict()
+        for rel, t in states.items():
+            name = f"{prefix}{i}.{rel}"
+            copy_full_into(model, name, t, rank)
+        del b, states
+    for name, p in model.named_parameters():  # embeddings, final norm, (untied) lm_head
+        if name not in block_names:
+            copy_full_into(model, name, cm.ck.tensor(name), rank)
+    return model, supports

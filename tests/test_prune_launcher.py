@@ -1,0 +1,119 @@
+"""launchers/prune.py end to end: decisions across ranks, exact pruned model, masks that stay."""
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from dsee_scale.adapters import DSEEConfig, inject
+from dsee_scale.data import ByteTokenizer, build_corpus, micro_batch
+from dsee_scale.experiment import load_experiment
+from dsee_scale.export import export_checkpoint
+from dsee_scale.export.zero_checkpoint import ZeroCheckpoint
+from dsee_scale.pruning import LayerPlan, Plan, mask_hooks
+from train_helpers import ROOT, check, launch, losses, save_tiny_model, write_config
+
+TARGETS = {"gpt2": ["c_attn:q", "c_attn:v", "mlp.c_fc"], "llama": ["q_proj", "v_proj", "up_proj"]}
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prune")
+    out = {"root": root}
+    for kind in ("gpt2", "llama"):
+        kw = {} if kind == "gpt2" else {"num_attention_heads": 4, "num_key_value_heads": 2}
+        model = save_tiny_model(root, kind, **kw)
+        cfg = write_config(root / f"{kind}.yaml", model, root / f"{kind}-tuned", root / "cache",
+                           dsee={"target_modules": TARGETS[kind]}, train={"max_steps": 3})
+        check(launch(cfg, 1))
+        out[kind] = (cfg, root / f"{kind}-tuned" / "checkpoints", model)
+    return out
+
+
+def prune(cfg, ckpt, out, nproc, *overrides):
+    r = check(launch(ROOT / "launchers" / "prune.py", nproc, "--from", str(ckpt), f"output_dir={out}",
+                     *overrides, config_path=cfg))
+    return r, json.loads((out / "prune_plan.json").read_text())
+
+
+def rebuilt(ckpt_dir, model_path=None):
+    """The DSEE model of a checkpoint rebuilt with plain transformers from DeepSpeed's own
+    consolidation (the reference)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ck = ZeroCheckpoint(ckpt_dir)
+    exp = yaml.safe_load((ck.dir / "experiment.yaml").read_text())
+    if model_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    else:
+        from dsee_scale.export import hf_config
+        from dsee_scale.models import ModelConfig
+        model = AutoModelForCausalLM.from_config(hf_config(ModelConfig(config=exp["model"]["config"])))
+    inject(model, DSEEConfig(**exp["dsee"]), load_file(str(ck.dir / "dsee_supports.safetensors")))
+    model.load_state_dict({k: v.float() for k, v in
+                           get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir)).items()}, strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_structured_prune_is_exact_and_the_same_on_one_and_two_ranks(tuned, kind):
+    cfg, ckpt, model_path = tuned[kind]
+    root = tuned["root"]
+    args = ("prune.heads_per_layer=1", "prune.channels_per_layer=16", "train.max_steps=2")
+    _, plan1 = prune(cfg, ckpt, root / f"{kind}-p1", 1, *args)
+    _, plan2 = prune(cfg, ckpt, root / f"{kind}-p2", 2, *args)
+    assert plan1["decision_digest"] == plan2["decision_digest"]
+    assert plan1["decision"] == plan2["decision"]
+
+    # step 1 of re-tuning computes its loss on the pruned model before any update: it must
+    # equal the tuned model with the same heads / channels masked, on the same batch
+    tuned_model = rebuilt(ckpt, model_path)
+    plan = Plan([LayerPlan(**lp) for lp in plan1["decision"]["layers"]])
+    mask_hooks(tuned_model, plan)
+    exp = load_experiment(str(cfg))
+    corpus = build_corpus(exp.data, ByteTokenizer())
+    t = exp.train
+    with torch.no_grad():
+        want = sum(tuned_model(input_ids=(ids := micro_batch(corpus.train, 0, m, 0, 1, t.micro_batch_size,
+                                                          t.batch_size, t.seed)), labels=ids).loss.item()
+                   for m in range(t.batch_size // t.micro_batch_size)) / (t.batch_size // t.micro_batch_size)
+    assert losses(root / f"{kind}-p1")[1] == pytest.approx(want, rel=1e-5, abs=1e-5)
+    assert losses(root / f"{kind}-p2")[1] == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+    # the re-tuned, pruned checkpoint exports to a model plain transformers loads, with the
+    # parameter count of its config and the framework's logits
+    out = root / f"{kind}-export"
+    export_checkpoint(str(root / f"{kind}-p2" / "checkpoints"), str(out))
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in fresh.parameters())
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits,
+                                   rebuilt(root / f"{kind}-p2" / "checkpoints")(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_unstructured_masks_survive_retuning_checkpoints_and_resume(tuned):
+    cfg, ckpt, _ = tuned["llama"]
+    root = tuned["root"]
+    out = root / "sparse"
+    prune(cfg, ckpt, out, 2, "prune.kind=unstructured", "prune.ratio=0.5", "prune.scope=layer",
+          "prune.score=wabs", "train.max_steps=4", "train.stop_at_step=2")
+    check(launch(ROOT / "launchers" / "prune.py", 1, "--resume", f"output_dir={out}",
+                 "train.max_steps=4", config_path=cfg))
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    ck = ZeroCheckpoint(out / "checkpoints")
+    assert ck.tag == "step_4"
+    names = [n for n in ck.frozen_shapes if ".layers." in n and n.endswith("weight")
+             and ck.frozen_shapes[n].numel() > 64]  # the blocks' projection matrices
+    assert names
+    for n in names:
+        w = ck.tensor(n)
+        zeros = int((w == 0).sum())
+        assert abs(zeros - 0.5 * w.numel()) <= 1, (n, zeros, w.numel())
+    # merging refills the pruned positions on the updated rows; the export says how much
+    s = export_checkpoint(str(out / "checkpoints"), str(root / "sparse-export"))
+    assert s["mode"] == "merged"
