@@ -166,6 +166,13 @@ def test_train_sbatch_on_real_slurm_then_requeue_resume_and_export(slurm, tmp_pa
     assert _wait(job3, slurm) == "COMPLETED", (tmp_path / f"slurm-{job3}.out").read_text()[-3000:]
     assert (out / "export-merged" / "config.json").is_file()
 
+    job4 = _sbatch(slurm, "prune.sbatch", cfg, PRUNE="prune.heads_per_layer=1 prune.channels_per_layer=16",
+                   OVERRIDES="train.max_steps=2")
+    assert _wait(job4, slurm) == "COMPLETED", (tmp_path / f"slurm-{job4}.out").read_text()[-3000:]
+    pruned = tmp_path / "run-pruned"
+    assert (pruned / "checkpoints" / "latest").read_text() == "step_2"
+    assert (pruned / "prune_plan.json").is_file() and sorted(losses(pruned)) == [1, 2]
+
 
 def test_two_deepspeed_nodes_match_one_launcher(tmp_path):
     model = save_tiny_model(tmp_path, "llama")

@@ -12,6 +12,8 @@ SupportMethod = Literal["grebsmo", "svd", "magnitude", "random"]
 DEFAULT_TARGETS = {
     "gpt2": ["c_attn:q", "c_attn:v"],
     "llama": ["q_proj", "v_proj"],
+    "dsee_gpt2": ["c_attn:q", "c_attn:v"],  # pruned GPT-2 (pruning/pruned_models.py)
+    "dsee_llama": ["q_proj", "v_proj"],
 }
 
 
