@@ -42,6 +42,13 @@ def _plain_keep(layer: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor 
     return new
 
 
+def _renumber(kept: torch.Tensor, size: int, ids: torch.Tensor) -> torch.Tensor:
+    """New numbers of `ids` once only `kept` (sorted) of 0..size-1 remain; -1 for removed ones."""
+    remap = torch.full((size,), -1, dtype=torch.long, device=ids.device)
+    remap[kept] = torch.arange(len(kept), device=ids.device)
+    return remap[ids]
+
+
 def _delta_keep(d: SparseLowRankDelta, rows: torch.Tensor | None, cols: torch.Tensor | None
                 ) -> SparseLowRankDelta:
     """The update restricted to kept rows (local to its slice) and kept columns."""
@@ -51,15 +58,11 @@ def _delta_keep(d: SparseLowRankDelta, rows: torch.Tensor | None, cols: torch.Te
     new_r, new_c = idx[0], idx[1]
     if rows is not None:
         B = B.index_select(0, rows)
-        remap = torch.full((d.out_features,), -1, dtype=torch.long, device=idx.device)
-        remap[rows] = torch.arange(len(rows), device=idx.device)
-        new_r = remap[idx[0]]
+        new_r = _renumber(rows, d.out_features, idx[0])
         keep &= new_r >= 0
     if cols is not None:
         A = A.index_select(1, cols)
-        remap = torch.full((d.in_features,), -1, dtype=torch.long, device=idx.device)
-        remap[cols] = torch.arange(len(cols), device=idx.device)
-        new_c = remap[idx[1]]
+        new_c = _renumber(cols, d.in_features, idx[1])
         keep &= new_c >= 0
     index = torch.stack([new_r[keep], new_c[keep]])
     nd = SparseLowRankDelta(A.shape[1], B.shape[0], d.r, d.scaling * d.r, index,

@@ -8,7 +8,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from ..adapters import DSEEConfig, inject
 from ..adapters.inject import check_num_sparse, resolve_targets
@@ -149,7 +148,3 @@ def trainable_count(model) -> int:
     from ..zero import full_numel
 
     return sum(full_numel(p) for p in model.parameters() if p.requires_grad)
-
-
-def as_dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -18,10 +18,6 @@ def is_partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def full_shape(p: torch.Tensor) -> tuple[int, ...]:
-    return tuple(getattr(p, "ds_shape", p.shape))
-
-
 def full_numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
@@ -85,17 +81,6 @@ def distributed_supports(model: nn.Module, targets, cfg, progress=None) -> dict[
         if progress is not None:
             progress(min(start + world, len(targets)), len(targets))
     return supports
-
-
-def gathered_state(module: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """A CPU copy of (some of) a module's parameters, gathered one at a time."""
-    out = {}
-    for n, p in module.named_parameters():
-        if names is not None and n not in names:
-            continue
-        with gathered([p]):
-            out[n] = p.detach().cpu().clone()
-    return out
 
 
 def copy_full_into(model: nn.Module, name: str, src: torch.Tensor, rank: int) -> None:
