@@ -122,10 +122,12 @@ class PruneConfig:
     heads_per_layer: int = 0  # q heads removed per layer (per kv group with gqa: per_group)
     gqa: Literal["per_group", "kv_groups"] = "per_group"
     channels_per_layer: int = 0  # MLP channels removed per layer
-    head_score: Literal["dsee", "weight", "dsee+weight"] = "dsee"
+    head_score: Literal["dsee", "weight", "dsee+weight", "activation"] = "dsee"
+    channel_score: Literal["weight", "activation"] = "weight"
     ratio: float = 0.5  # unstructured: share of the chosen weights set to zero
     scope: Literal["global", "layer"] = "global"
-    score: Literal["magnitude", "abs", "wabs"] = "wabs"
+    score: Literal["magnitude", "abs", "wabs", "wanda"] = "wabs"
+    calibration_batches: int = 4  # activation / wanda scores: micro-batches of the train data
     targets: list[str] = field(default_factory=list)  # unstructured: patterns (default: all block linears)
 
     def validate(self, section: str = "prune") -> None:
@@ -133,6 +135,8 @@ class PruneConfig:
             raise ConfigError(f"{section}.ratio: got {self.ratio}, must be in [0, 1)")
         if self.heads_per_layer < 0 or self.channels_per_layer < 0:
             raise ConfigError(f"{section}: heads_per_layer and channels_per_layer must be >= 0")
+        if self.calibration_batches < 1:
+            raise ConfigError(f"{section}.calibration_batches: must be >= 1")
         if self.kind == "structured" and not (self.heads_per_layer or self.channels_per_layer):
             raise ConfigError(f"{section}: structured pruning needs heads_per_layer or channels_per_layer > 0")
 

@@ -117,3 +117,48 @@ def test_unstructured_masks_survive_retuning_checkpoints_and_resume(tuned):
     # merging refills the pruned positions on the updated rows; the export says how much
     s = export_checkpoint(str(out / "checkpoints"), str(root / "sparse-export"))
     assert s["mode"] == "merged"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_layerwise_calibration_equals_whole_model_forward(tuned, kind):
+    from dsee_scale.pruning import unstructured as U
+    from dsee_scale.pruning.run import CheckpointModel, layerwise_statistics
+
+    cfg, ckpt, model_path = tuned[kind]
+    batches = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    stats = layerwise_statistics(CheckpointModel(str(ckpt)), batches)
+    model = rebuilt(ckpt, model_path)
+    want = U.input_norms(model, U.prunable(model), batches)
+    assert want
+    for full, norm in want.items():
+        _, _, i, rel = full.split(".", 3)
+        torch.testing.assert_close(stats["blocks"][int(i)]["sq"][rel].sqrt(), norm, rtol=1e-4, atol=1e-5)
+
+
+def test_wanda_and_activation_scores_through_the_launcher(tuned):
+    from dsee_scale.pruning import unstructured as U
+
+    cfg, ckpt, model_path = tuned["llama"]
+    root = tuned["root"]
+    out = root / "wanda"
+    _, plan = prune(cfg, ckpt, out, 2, "prune.kind=unstructured", "prune.score=wanda",
+                    "prune.ratio=0.3", "prune.calibration_batches=2", "train.max_steps=1")
+    # the same masks as the library computes on the whole tuned model with the same batches
+    exp = load_experiment(str(cfg))
+    corpus = build_corpus(exp.data, ByteTokenizer())
+    t = exp.train
+    batches = [micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)
+               for s in range(2)]
+    model = rebuilt(ckpt, model_path)
+    layers = U.prunable(model)
+    keep = U.masks(U.scores(layers, "wanda", U.input_norms(model, layers, batches)), 0.3, "global")
+    ck = ZeroCheckpoint(out / "checkpoints")
+    for name, k in keep.items():
+        w_name = f"{name}.base_layer.weight" if f"{name}.base_layer.weight" in ck.frozen_shapes else f"{name}.weight"
+        w = ck.tensor(w_name).float()
+        zero = w == 0
+        assert torch.equal(zero, ~k), name
+
+    _, plan_s = prune(cfg, ckpt, root / "act", 1, "prune.heads_per_layer=1", "prune.head_score=activation",
+                      "prune.channels_per_layer=8", "prune.channel_score=activation", "train.max_steps=1")
+    assert len(plan_s["decision"]["layers"][0]["q_heads"]) == 2

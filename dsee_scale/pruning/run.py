@@ -1,7 +1,9 @@
 """The pruning run behind `deepspeed launchers/prune.py`: score, prune, rebuild, re-tune.
 
 1. The tuned ZeRO-3 checkpoint is read one decoder block at a time (memory-mapped, no
-   DeepSpeed): each block is rebuilt on CPU with its DSEE updates and scored. Every rank scores
+   DeepSpeed): each block is rebuilt on CPU with its DSEE updates and scored. Scores that need
+   activations (activation heads / channels, Wanda) push a few calibration batches through the
+   blocks one after the other (layer-wise, as Wanda does). Every rank scores
    every block from the same files, so all ranks take the same decision; a digest of the plan
    is compared across ranks to make sure.
 2. The smaller model is built under ZeRO-3 (partitioned as it is created, from the pruned
@@ -77,26 +79,94 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def structured_plan(cm: CheckpointModel, pc: PruneConfig) -> Plan:
+@torch.no_grad()
+def layerwise_statistics(cm: CheckpointModel, batches: list[torch.Tensor]) -> dict:
+    """Per block and projection: sum of x^2 and of |x| over the calibration tokens of its input
+    (Wanda norms, activation scores). The batches go through the tuned model one block at a
+    time, each block rebuilt from the checkpoint, so no rank ever holds the whole model."""
+    cfg, ck = cm.config, cm.ck
+    if arch(cfg) == "gpt2":
+        wte, wpe = ck.tensor("transformer.wte.weight").float(), ck.tensor("transformer.wpe.weight").float()
+        hidden = [wte[ids] + wpe[torch.arange(ids.shape[1])] for ids in batches]
+        rotary = None
+    else:
+        emb = ck.tensor("model.embed_tokens.weight").float()
+        hidden = [emb[ids] for ids in batches]
+        rotary = type(cm.skeleton.model.rotary_emb)(config=cfg)
+    stats = {"tokens": sum(ids.numel() for ids in batches), "blocks": {}}
+    for i in range(num_layers(cfg)):
+        b = cm.block(i).eval()
+        sq: dict = {}
+        ab: dict = {}
+        handles = []
+        for name, layer in U.prunable(b, ["*"]).items():
+            def hook(module, args, name=name):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                sq[name] = sq.get(name, 0) + x.pow(2).sum(0)
+                ab[name] = ab.get(name, 0) + x.abs().sum(0)
+            handles.append(layer.register_forward_pre_hook(hook))
+        nxt = []
+        for h in hidden:
+            if rotary is None:
+                out = b(h)
+            else:
+                pos = torch.arange(h.shape[1])[None]
+                out = b(h, position_ids=pos, position_embeddings=rotary(h, pos))
+            nxt.append(out[0] if isinstance(out, tuple) else out)
+        for handle in handles:
+            handle.remove()
+        hidden = nxt
+        stats["blocks"][i] = {"sq": sq, "abs": ab}
+    return stats
+
+
+def calibration(exp, cm: CheckpointModel, pc: PruneConfig) -> dict | None:
+    """Layer-wise statistics when a score needs them (activation, wanda), else None."""
+    needs = (pc.kind == "structured" and "activation" in (pc.head_score, pc.channel_score)) or \
+        (pc.kind == "unstructured" and pc.score == "wanda")
+    if not needs:
+        return None
+    from ..data import ByteTokenizer, build_corpus, micro_batch
+
+    tok = load_tokenizer(cm.model_cfg) or ByteTokenizer()
+    corpus = build_corpus(exp.data, tok)
+    t = exp.train
+    batches = [micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)
+               for s in range(pc.calibration_batches)]
+    return layerwise_statistics(cm, batches)
+
+
+def _activation(stats: dict, i: int, name: str) -> torch.Tensor:
+    return stats["blocks"][i]["abs"][name] / stats["tokens"]
+
+
+def structured_plan(cm: CheckpointModel, pc: PruneConfig, stats: dict | None = None) -> Plan:
     n = num_layers(cm.config)
+    H, KV, hd, _ = dims(cm.config)
+    gpt2 = arch(cm.config) == "gpt2"
+    o_name, down_name = ("attn.c_proj", "mlp.c_proj") if gpt2 else ("self_attn.o_proj", "mlp.down_proj")
     hs, cs = [], []
     for i in range(n):
         b = cm.block(i)
         if pc.heads_per_layer:
-            hs.append(block_head_scores(b, cm.config, pc.head_score))
+            hs.append(_activation(stats, i, o_name).view(H, hd).sum(1) if pc.head_score == "activation"
+                      else block_head_scores(b, cm.config, pc.head_score))
         if pc.channels_per_layer:
-            cs.append(block_channel_scores(b, cm.config))
+            cs.append(_activation(stats, i, down_name) if pc.channel_score == "activation"
+                      else block_channel_scores(b, cm.config))
     return make_plan(cm.config, torch.stack(hs) if hs else None, pc.heads_per_layer,
                      torch.stack(cs) if cs else None, pc.channels_per_layer, pc.gqa)
 
 
-def unstructured_masks(cm: CheckpointModel, pc: PruneConfig) -> dict[int, dict[str, torch.Tensor]]:
+def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: dict | None = None
+                       ) -> dict[int, dict[str, torch.Tensor]]:
     """Keep-masks per block (names relative to the block)."""
     per_block = {}
     for i in range(num_layers(cm.config)):
         b = cm.block(i)
         layers = U.prunable(b, pc.targets or ["*"])
-        per_block[i] = U.scores(layers, pc.score)
+        norms = None if stats is None else {k: v.sqrt() for k, v in stats["blocks"][i]["sq"].items()}
+        per_block[i] = U.scores(layers, pc.score, norms)
     if pc.scope == "layer":
         return {i: U.masks(s, pc.ratio, "layer") for i, s in per_block.items()}
     flat = {f"{i}/{k}": v for i, s in per_block.items() for k, v in s.items()}
@@ -127,15 +197,16 @@ def prepare(exp, from_dir: str, rank: int):
     if pc is None:
         raise ConfigError("prune: the experiment has no prune section")
     cm = CheckpointModel(from_dir)
+    stats = calibration(exp, cm, pc)
     plan = keep = None
     if pc.kind == "structured":
-        plan = structured_plan(cm, pc)
+        plan = structured_plan(cm, pc, stats)
         H, KV, hd, inter = dims(cm.config)
         nq, nkv, nch = plan_sizes(plan, inter)
         new_config = pruned_config(cm.config, nq, nkv, hd, nch)
         decision = plan.to_dict()
     else:
-        keep = unstructured_masks(cm, pc)
+        keep = unstructured_masks(cm, pc, stats)
         new_config = cm.config
         decision = {i: {k: hashlib.sha256(m.numpy().tobytes()).hexdigest() for k, m in d.items()}
                     for i, d in keep.items()}
