@@ -7,7 +7,8 @@ One process, plain PyTorch (the distributed path is tested in tests/test_prune_l
 2. unstructured pruning of all block projections at 30% and 50% (global threshold) with
    magnitude |W|, DSEE's WABS |W + update| and Wanda-style |W| x ||x|| scores, held-out
    perplexity without and with re-tuning A, B, S (W frozen, pruned);
-3. structured: 1 of 3 q heads in every kv group + 25% of MLP channels, DSEE head scores,
+3. structured: 1 of 3 q heads in every kv group + 25% of MLP channels, with DSEE head scores +
+   weight channel scores, with activation scores for both, and 25% channels alone (activation),
    without and with re-tuning;
 4. forward tokens/s of the merged dense model vs the merged structurally pruned one, same process.
 Held-out perplexity: mean token loss over `--eval-blocks` blocks of 256 tokens from held-out
@@ -29,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import smollm2, stdlib_batch, write_result  # noqa: E402
 from dsee_scale.adapters import DSEEConfig, inject, merge_and_unload  # noqa: E402
-from dsee_scale.pruning import apply_plan, channel_scores, head_scores, make_plan  # noqa: E402
+from dsee_scale.pruning import (apply_plan, channel_scores, collect_activations, head_scores,  # noqa: E402
+                                make_plan)
 from dsee_scale.pruning import unstructured as U  # noqa: E402
 
 BLOCK = 256
@@ -79,6 +81,8 @@ def main() -> None:
     ap.add_argument("--tune-steps", type=int, default=40)
     ap.add_argument("--retune-steps", type=int, default=10)
     ap.add_argument("--eval-blocks", type=int, default=24)
+    ap.add_argument("--only", choices=["unstructured", "structured"],
+                    help="run one part (written to pruning_<part>.json)")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -97,7 +101,21 @@ def main() -> None:
     res["tuned_perplexity"] = perplexity(model, eval_ids)
     print(f"tuned ppl {res['tuned_perplexity']:.3f}", flush=True)
 
-    res["unstructured"] = {}
+    if args.only != "structured":
+        res["unstructured"] = unstructured(model, train, eval_ids, calib, args)
+    if args.only != "unstructured":
+        acts = collect_activations(model, calib)
+        res["structured"] = {
+            "dsee_heads+weight_channels": structured(model, train, eval_ids, args, "dsee", "weight", None),
+            "activation_heads+activation_channels": structured(model, train, eval_ids, args,
+                                                               "activation", "activation", acts),
+            "activation_channels_only": structured(model, train, eval_ids, args, None, "activation", acts),
+        }
+    write_result("pruning" + (f"_{args.only}" if args.only else ""), res)
+
+
+def unstructured(model, train, eval_ids, calib, args) -> dict:
+    out = {}
     norms = U.input_norms(model, U.prunable(model), calib)
     for ratio in (0.3, 0.5):
         for score in ("magnitude", "wabs", "wanda"):
@@ -110,17 +128,23 @@ def main() -> None:
             row["retuned_ppl"] = perplexity(m, eval_ids)
             rep = U.sparsity_report(layers)
             row.update(weight_sparsity=rep["weight_sparsity"], merged_sparsity=rep["merged_sparsity"])
-            res["unstructured"][f"{score}@{ratio}"] = row
+            out[f"{score}@{ratio}"] = row
             print(f"{score}@{ratio}: {row}", flush=True)
             del m
+    return out
 
+
+def structured(model, train, eval_ids, args, head_score, channel_score, acts) -> dict:
+    """1 of 3 q heads per kv group (if head_score) and 25% of MLP channels, scored as given."""
     s = copy.deepcopy(model)
     H, KV = s.config.num_attention_heads, s.config.num_key_value_heads
     inter = s.config.intermediate_size
-    plan = make_plan(s, head_scores(s, "dsee"), 1, channel_scores(s, "weight"), inter // 4)
+    hs = head_scores(s, head_score, acts) if head_score else None
+    plan = make_plan(s, hs, 1 if head_score else 0, channel_scores(s, channel_score, acts), inter // 4)
     apply_plan(s, plan)
-    st = {"removed": f"1 of {H // KV} q heads per kv group ({H} -> {s.config.num_attention_heads}), "
-                     f"{inter // 4} of {inter} MLP channels",
+    st = {"removed": (f"1 of {H // KV} q heads per kv group ({H} -> {s.config.num_attention_heads}), "
+                      if head_score else "no heads, ") + f"{inter // 4} of {inter} MLP channels",
+          "head_score": head_score, "channel_score": channel_score,
           "pruned_ppl": perplexity(s, eval_ids)}
     tune(s, train[: args.retune_steps], args.retune_steps, 2e-4)
     st["retuned_ppl"] = perplexity(s, eval_ids)
@@ -137,9 +161,8 @@ def main() -> None:
     st["forward_tokens_per_s"] = {k: statistics.median(v) for k, v in speeds.items()}
     st["speedup"] = st["forward_tokens_per_s"]["pruned"] / st["forward_tokens_per_s"]["dense"]
     st["speed_target"] = 1.25
-    res["structured"] = st
     print(f"structured: {st}", flush=True)
-    write_result("pruning", res)
+    return st
 
 
 if __name__ == "__main__":
