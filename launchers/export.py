@@ -49,6 +49,8 @@ def main() -> None:
     if s.get("update_rounded_to_written_dtype"):
         note = (f" (the fp32 update is rounded into {s['written_dtype']} weights; "
                 "--dtype fp32 keeps it exact)")
+    if s.get("block_weight_zero_fraction"):
+        note += f"; {100 * s['block_weight_zero_fraction']:.1f}% of the block weights are zero"
     print(f"wrote {args.out_dir}: {len(s['files'])} files, {s['bytes'] / 2**20:.1f} MiB, "
           f"{s['written_dtype']}, from {s['tag']} of {s['world_size']} rank(s) "
           f"in {time.perf_counter() - t0:.1f}s{note}")

@@ -115,8 +115,26 @@ def test_unstructured_masks_survive_retuning_checkpoints_and_resume(tuned):
         zeros = int((w == 0).sum())
         assert abs(zeros - 0.5 * w.numel()) <= 1, (n, zeros, w.numel())
     # merging refills the pruned positions on the updated rows; the export says how much
+    plan = json.loads((out / "prune_plan.json").read_text())
+    assert plan["weight_sparsity"] == pytest.approx(0.5, abs=1e-3)
     s = export_checkpoint(str(out / "checkpoints"), str(root / "sparse-export"))
-    assert s["mode"] == "merged"
+    assert 0.3 < s["block_weight_zero_fraction"] < 0.5  # q, v, up rows are refilled by B A
+
+
+def test_gradual_schedule_by_pruning_a_pruned_run_again(tuned):
+    cfg, ckpt, model_path = tuned["gpt2"]
+    root = tuned["root"]
+    _, first = prune(cfg, ckpt, root / "g1", 1, "prune.heads_per_layer=1", "train.max_steps=2")
+    _, second = prune(cfg, root / "g1" / "checkpoints", root / "g2", 1, "prune.heads_per_layer=1",
+                      "train.max_steps=2")
+    assert first["config"]["n_head"] == 3 and second["config"]["n_head"] == 2
+    out = root / "g2-export"
+    export_checkpoint(str(root / "g2" / "checkpoints"), str(out))
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, rebuilt(root / "g2" / "checkpoints")(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -237,8 +237,13 @@ def _write_merged(ck, exp, dsee: DSEEConfig, tmp: Path, dtype: str, max_bytes: i
     out_dtype = frozen_dtype if dtype == "auto" else DTYPES[dtype]
     writer = ShardWriter(tmp, max_bytes, {"format": "pt"}, on_flush=ck.release)
     total = sum(1 for n in ck.names() if ".dsee." not in n and not (tied and n == "lm_head.weight"))
+    zeros = block_numel = 0
     for i, (name, t, _) in enumerate(merged_tensors(ck, dsee, layers, tied)):
-        writer.add(name, t.to(out_dtype) if t.is_floating_point() else t)
+        t = t.to(out_dtype) if t.is_floating_point() else t
+        if t.dim() == 2 and (".h." in name or ".layers." in name):  # the blocks' matrices
+            zeros += int((t == 0).sum())
+            block_numel += t.numel()
+        writer.add(name, t)
         if progress is not None:
             progress(i + 1, total)
     writer.finish()
@@ -256,4 +261,6 @@ def _write_merged(ck, exp, dsee: DSEEConfig, tmp: Path, dtype: str, max_bytes: i
             "frozen_dtype": DTYPE_NAMES.get(frozen_dtype, str(frozen_dtype)),
             "trainable_dtype": "fp32", "written_dtype": DTYPE_NAMES.get(out_dtype, str(out_dtype)),
             "update_rounded_to_written_dtype": rounded, "tokenizer": tok is not None,
+            # the real sparsity of what was written: merging refills pruned zeros on updated rows
+            "block_weight_zero_fraction": zeros / block_numel if block_numel else 0.0,
             "tied_embeddings": tied}

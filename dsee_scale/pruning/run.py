@@ -210,6 +210,8 @@ def prepare(exp, from_dir: str, rank: int):
         new_config = cm.config
         decision = {i: {k: hashlib.sha256(m.numpy().tobytes()).hexdigest() for k, m in d.items()}
                     for i, d in keep.items()}
+        pruned_n = sum(int((~m).sum()) for d_ in keep.values() for m in d_.values())
+        total_n = sum(m.numel() for d_ in keep.values() for m in d_.values())
     d = digest(decision)
     if len(set(all_gather_objects(d))) != 1:
         raise RuntimeError("ranks took different pruning decisions")
@@ -229,6 +231,7 @@ def prepare(exp, from_dir: str, rank: int):
         return build_pruned(cm, pc, plan, keep, exp_, ds, rank_)
 
     summary = {"from": str(cm.ck.dir), "kind": pc.kind, "decision_digest": d, "decision": decision,
+               "weight_sparsity": pruned_n / total_n if keep is not None else None,
                "config": {k: cfg_dict.get(k) for k in ("num_attention_heads", "num_key_value_heads",
                                                        "intermediate_size", "n_head", "n_inner",
                                                        "head_dim") if k in cfg_dict}}
