@@ -78,8 +78,9 @@ def load_model(cfg: ModelConfig):
     if cfg.path is not None:
         try:
             return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise UserError(f"model.path: cannot load {cfg.path!r}: {e}") from None
+        except Exception as e:  # missing / corrupt weights, unknown config: many exception types
+            raise UserError(f"model.path: cannot load {cfg.path!r}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
     gguf = Path(cfg.gguf_file)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:

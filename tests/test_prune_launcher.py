@@ -180,3 +180,13 @@ def test_wanda_and_activation_scores_through_the_launcher(tuned):
     _, plan_s = prune(cfg, ckpt, root / "act", 1, "prune.heads_per_layer=1", "prune.head_score=activation",
                       "prune.channels_per_layer=8", "prune.channel_score=activation", "train.max_steps=1")
     assert len(plan_s["decision"]["layers"][0]["q_heads"]) == 2
+
+
+def test_head_count_the_kv_groups_cannot_take_is_a_clear_error(tuned):
+    cfg, ckpt, _ = tuned["llama"]  # 4 q heads in 2 kv groups
+    out = tuned["root"] / "bad-heads"
+    r = launch(ROOT / "launchers" / "prune.py", 1, "--from", str(ckpt), f"output_dir={out}",
+               "prune.heads_per_layer=2", config_path=cfg)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "prune.heads_per_layer: cannot remove 2 of the 2 q heads of a kv group" in r.stderr
+    assert not (out / "checkpoints").exists()

@@ -200,8 +200,14 @@ def prepare(exp, from_dir: str, rank: int):
     stats = calibration(exp, cm, pc)
     plan = keep = None
     if pc.kind == "structured":
-        plan = structured_plan(cm, pc, stats)
         H, KV, hd, inter = dims(cm.config)
+        if pc.channels_per_layer >= inter:
+            raise ConfigError(f"prune.channels_per_layer: {pc.channels_per_layer} of {inter} "
+                              f"channels; allowed: 0..{inter - 1}")
+        try:
+            plan = structured_plan(cm, pc, stats)
+        except ValueError as e:  # a head count the kv groups cannot take
+            raise ConfigError(f"prune.heads_per_layer: {e} (model: {H} q heads, {KV} kv heads)") from None
         nq, nkv, nch = plan_sizes(plan, inter)
         new_config = pruned_config(cm.config, nq, nkv, hd, nch)
         decision = plan.to_dict()

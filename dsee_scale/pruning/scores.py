@@ -125,6 +125,8 @@ def make_plan(model, head_scores_: torch.Tensor | None, prune_heads: int,
     for i in range(num_layers(model)):
         hs = head_scores_[i] if head_scores_ is not None else torch.zeros(H)
         if n_rep == 1:
+            if prune_heads >= H:
+                raise ValueError(f"cannot remove {prune_heads} of {H} heads")
             keep = _top(hs, H - prune_heads)
             kv = keep
         elif gqa == "per_group":

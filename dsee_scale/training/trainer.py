@@ -129,8 +129,6 @@ def run(exp, resume: bool = False, build=None) -> dict:
             load_tag = ckpt.ensure_universal(root, tag, rank)
             ds.setdefault("checkpoint", {})["load_universal"] = True
 
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     t_build = time.perf_counter()
     if build is not None and not resume:
         model, supports = build(exp, ds, rank, world)
@@ -189,6 +187,8 @@ def run(exp, resume: bool = False, build=None) -> dict:
         if load_tag != meta["tag"]:
             restore_frozen(engine.module, root, meta["tag"], rank)
 
+    if rank == 0:  # only now: a run stopped by bad input leaves nothing on disk
+        out.mkdir(parents=True, exist_ok=True)
     monitor = Monitor(out / "tensorboard", rank == 0, total_steps, start)
     log_path = out / "train_log.jsonl"
     if rank == 0:

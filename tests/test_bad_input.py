@@ -1,0 +1,65 @@
+"""Bad input through the launchers: exit code 2, one line naming the problem, nothing written."""
+import json
+import shutil
+
+import pytest
+
+from train_helpers import ROOT, launch
+
+TINY = ROOT / "configs" / "gpt2-tiny.yaml"
+
+
+def files(tmp_path, kind):
+    if kind == "corrupt_safetensors":
+        d = tmp_path / "model"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 16,
+                                                   "n_head": 2, "vocab_size": 256}))
+        (d / "model.safetensors").write_bytes(b"\x00\x01 not a safetensors file" * 10)
+        return str(d)
+    if kind == "corrupt_gguf":
+        (tmp_path / "m.gguf").write_bytes(b"GGUF but not really" * 20)
+        return str(tmp_path / "m.gguf")
+    if kind == "empty":
+        (tmp_path / "empty.txt").write_text("")
+        return str(tmp_path / "empty.txt")
+    if kind == "latin1":
+        (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+        return str(tmp_path / "latin1.txt")
+    if kind == "ds_conflict":
+        (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 3}}))
+        return str(tmp_path / "ds.json")
+
+
+CASES = [  # (overrides or extra args, files, what the message must name)
+    (["train.lrr=1"], None, "train.lrr: unknown key"),
+    (["train.max_steps=abc"], None, "train.max_steps"),
+    (["dsee.r=0"], None, "dsee.r"),
+    (["dsee.num_sparse=10000000"], None, "dsee.num_sparse"),
+    (["dsee.target_modules=[nope]"], None, "matches no module"),
+    (["model.config=null", "model.path=/no/such/model"], None, "model.path"),
+    (["model.config=null", "model.path={}"], "corrupt_safetensors", "model.path: cannot load"),
+    (["model.config=null", "model.gguf_file={}"], "corrupt_gguf", "not a readable GGUF"),
+    (["data.source=null", "data.train_files=[{}]"], "empty", "fewer than block_size"),
+    (["data.source=null", "data.train_files=[{}]"], "latin1", "not UTF-8"),
+    (["data.block_size=4096"], None, "data.block_size"),
+    (["deepspeed={}"], "ds_conflict", "train_batch_size=64 conflicts"),
+    (["deepspeed=ds_configs/zero3_offload_nvme.json"], None, "nvme_path"),
+    (["--resume"], None, "no checkpoint"),
+    (["prune.kind=unstructured", "prune.ratio=1.5"], None, "prune.ratio"),
+]
+
+
+@pytest.mark.parametrize("args,kind,needle", CASES, ids=[c[2] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, kind, needle):
+    path = files(tmp_path, kind) if kind else None
+    out = tmp_path / "out"
+    args = [a.format(path) for a in args] + [f"output_dir={out}",
+                                              f"data.cache_dir={tmp_path / 'cache'}"]
+    r = launch(TINY, 1, *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
+    assert not out.exists()
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
