@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     histogram_every: int = 50
+    collective_timeout_s: int = 1800  # a rank that stops answering ends the job after this
     stop_at_step: Optional[int] = None  # end this run (with a checkpoint) at this step; the
     # schedule still runs to max_steps, so `--resume` continues it (e.g. Slurm time slices)
 
@@ -88,6 +89,8 @@ class TrainConfig:
                               f"micro_batch_size {self.micro_batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"{section}.lr: got {self.lr}, must be > 0")
+        if self.collective_timeout_s < 1:
+            raise ConfigError(f"{section}.collective_timeout_s: must be >= 1")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ConfigError(f"{section}.stop_at_step: got {self.stop_at_step}, must be >= 1")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:

@@ -59,8 +59,10 @@ def main() -> None:
     from dsee_scale.pruning.run import prepare
     from dsee_scale.training.distributed import setup_env
 
+    from datetime import timedelta
+
     setup_env()
-    deepspeed.init_distributed(verbose=False)
+    deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=exp.train.collective_timeout_s))
     pruned, build, summary = prepare(exp, args.from_dir, dist.get_rank())
     if dist.get_rank() == 0:
         import json

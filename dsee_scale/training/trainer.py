@@ -7,6 +7,7 @@ import json
 import math
 import random
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -114,7 +115,7 @@ def run(exp, resume: bool = False, build=None) -> dict:
     setup_env()
     import deepspeed
 
-    deepspeed.init_distributed(verbose=False)
+    deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=exp.train.collective_timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(exp.train.seed)
     random.seed(exp.train.seed)
