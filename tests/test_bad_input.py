@@ -63,3 +63,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, kind, n
     assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
     assert not out.exists()
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_output_dir_that_holds_a_run_is_refused(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step_7")
+    before = sorted(p.name for p in out.rglob("*"))
+    r = launch(TINY, 1, f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "already holds a run" in r.stderr and "--resume" in r.stderr
+    assert sorted(p.name for p in out.rglob("*")) == before

@@ -122,6 +122,9 @@ def run(exp, resume: bool = False, build=None) -> dict:
     out = Path(exp.output_dir)
     ds = deepspeed_config(exp, world)
 
+    if not resume and (out / "checkpoints" / "latest").exists():
+        raise ConfigError(f"output_dir: {str(out)!r} already holds a run (checkpoints/latest); "
+                          "continue it with --resume or choose another output_dir")
     load_tag = meta = root = None
     if resume:
         root, tag, meta = ckpt.latest(exp)
