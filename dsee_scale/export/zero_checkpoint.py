@@ -61,6 +61,9 @@ class ZeroCheckpoint:
             raise UserError(f"checkpoint tag {tag!r} not found in {str(root)!r} "
                             f"(available: {', '.join(self._tags(root)) or 'none'})")
         self.dir, self.tag = d, tag
+        from ..training.checkpoint import verify_manifest
+
+        verify_manifest(d)  # files, sizes, checksums as written, when the checkpoint has a manifest
         meta = d / "dsee_meta.json"
         self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
         model_files = sorted(d.glob(MODEL_FILE.format("*")))

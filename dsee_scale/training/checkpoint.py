@@ -14,6 +14,7 @@ directly; on another number it converts it once to a DeepSpeed universal checkpo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -31,6 +32,39 @@ from ..errors import UserError
 
 META = "dsee_meta.json"
 SUPPORTS = "dsee_supports.safetensors"
+MANIFEST = "manifest.json"
+FAULT_ENV = "DSEE_FAULT_KILL_DURING_SAVE"  # tests: die after the shards, before `latest`
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(d: Path) -> None:
+    """files, sizes and sha256 of a complete checkpoint directory (written last but `latest`)."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
+    _write_atomic(d / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def verify_manifest(d: Path) -> None:
+    """Refuse a checkpoint whose files are missing, truncated or changed since it was written."""
+    path = d / MANIFEST
+    if not path.is_file():
+        return  # written before manifests existed
+    for name, want in json.loads(path.read_text())["files"].items():
+        f = d / name
+        if not f.is_file():
+            raise UserError(f"checkpoint {str(d)!r}: {name} is missing (listed in {MANIFEST})")
+        if f.stat().st_size != want["bytes"]:
+            raise UserError(f"checkpoint {str(d)!r}: {name} has {f.stat().st_size} bytes, "
+                            f"{want['bytes']} expected (truncated or replaced)")
+        if sha256_file(f) != want["sha256"]:
+            raise UserError(f"checkpoint {str(d)!r}: {name} does not match its checksum (corrupt)")
 
 
 def ckpt_root(exp) -> Path:
@@ -77,12 +111,15 @@ def save(engine, exp, step: int, world: int, supports: dict, rank: int) -> Path:
     tag = f"step_{step}"
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     _barrier()  # every rank's shards are written
+    if os.environ.get(FAULT_ENV) == str(step) and rank == 0:
+        os._exit(137)  # a deterministic "killed in the middle of a save"
     if rank == 0:
         d = root / tag
         save_file({k: v.contiguous() for k, v in supports.items()}, str(d / SUPPORTS))
         (d / "experiment.yaml").write_text(yaml.safe_dump(asdict(exp), sort_keys=False))
         _write_atomic(d / META, json.dumps({"step": step, "world_size": world, "tag": tag,
                                             "dsee_layers": layer_layout(engine.module)}))
+        write_manifest(d)
         _write_atomic(root / "latest", tag)  # only now is this checkpoint the one to resume
         for old in tags(root)[: -exp.checkpoint.keep_last]:
             shutil.rmtree(root / old, ignore_errors=True)
@@ -100,6 +137,7 @@ def latest(exp) -> tuple[Path, str, dict]:
     meta_path = root / tag / META
     if not meta_path.is_file():
         raise UserError(f"--resume: checkpoint {str(root / tag)!r} is incomplete (no {META})")
+    verify_manifest(root / tag)
     return root, tag, json.loads(meta_path.read_text())
 
 
