@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..adapters.config import DSEEConfig
 from ..adapters.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -83,13 +82,6 @@ class ShardWriter:
                 {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
 
 
-def _experiment(ck: ZeroCheckpoint) -> dict:
-    path = ck.dir / "experiment.yaml"
-    if not path.is_file():
-        raise UserError(f"{str(ck.dir)!r} has no experiment.yaml: not a dsee-scale checkpoint")
-    return yaml.safe_load(path.read_text())
-
-
 def hf_config(model_cfg: ModelConfig, overrides: dict | None = None):
     """The transformers config of the checkpoint's model, pruned sizes applied."""
     from transformers import AutoConfig
@@ -137,23 +129,6 @@ def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: dict, tied: boo
             yield name, ck.tensor(name), ck.dtype_of(name)
 
 
-def _layers_from_names(ck: ZeroCheckpoint, model_type: str) -> dict:
-    """For checkpoints without a layout in dsee_meta.json: GPT-2 layers are Conv1D."""
-    layers: dict = {}
-    for name in ck.names():
-        m = re.match(r"(.+)\.dsee\.(\w+)\.lora_A$", name)
-        if m:
-            layer, s = m.groups()
-            kind = "conv1d" if model_type == "gpt2" else "linear"
-            w_shape = (ck.frozen_shapes.get(f"{layer}.base_layer.weight")
-                       or ck.trainable_shapes.get(f"{layer}.base_layer.weight"))
-            out = w_shape[1] if kind == "conv1d" else w_shape[0]
-            lo, hi = (0, out) if s == "full" else (("q", "k", "v").index(s) * out // 3,
-                                                   (("q", "k", "v").index(s) + 1) * out // 3)
-            layers.setdefault(layer, {"kind": kind, "slices": {}})["slices"][s] = [lo, hi]
-    return layers
-
-
 def _prepare_out(out: Path, force: bool) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"output directory {str(out)!r} is not empty; pass --force to replace it")
@@ -183,7 +158,7 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, tag: str | None = None, mode:
     max_bytes = parse_size(max_shard_size)
     out = Path(out_dir)
     ck = ZeroCheckpoint(ckpt_dir, tag)
-    exp = _experiment(ck)
+    exp = ck.experiment()
     dsee = from_dict(DSEEConfig, exp.get("dsee"), "dsee")
     tmp = _prepare_out(out, force)
     try:
@@ -230,7 +205,9 @@ def _write_merged(ck, exp, dsee: DSEEConfig, tmp: Path, dtype: str, max_bytes: i
 
     mc = from_dict(ModelConfig, exp.get("model"), "model")
     cfg = hf_config(mc, ck.meta.get("config_overrides"))
-    layers = ck.meta.get("dsee_layers") or _layers_from_names(ck, cfg.model_type)
+    layers = ck.meta.get("dsee_layers")
+    if layers is None:
+        raise UserError(f"{str(ck.dir)!r}: dsee_meta.json has no layer layout (not written by dsee-scale)")
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     frozen_dtypes = {ck.dtype_of(n) for n in ck.frozen_shapes}
     frozen_dtype = frozen_dtypes.pop() if len(frozen_dtypes) == 1 else torch.float32

@@ -120,6 +120,15 @@ class ZeroCheckpoint:
         return sorted((p.name for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)),
                       key=lambda t: int(t.split("_")[1]))
 
+    def experiment(self) -> dict:
+        """The experiment.yaml that dsee-scale saved beside the shards."""
+        import yaml
+
+        path = self.dir / "experiment.yaml"
+        if not path.is_file():
+            raise UserError(f"{str(self.dir)!r} has no experiment.yaml: not a dsee-scale checkpoint")
+        return yaml.safe_load(path.read_text())
+
     def names(self) -> list[str]:
         """All tensor names (parameters and buffers) in the model's order, aliases left out."""
         return self.order

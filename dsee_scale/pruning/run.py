@@ -22,11 +22,10 @@ import json
 from dataclasses import replace
 
 import torch
-import yaml
 
 from ..adapters import DSEEConfig, DSEELayer, inject, supports_of
 from ..config import from_dict
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from ..experiment import PruneConfig
 from ..export import hf_config
 from ..export.zero_checkpoint import ZeroCheckpoint
@@ -43,10 +42,7 @@ class CheckpointModel:
         from transformers import AutoModelForCausalLM
 
         self.ck = ZeroCheckpoint(ckpt_dir)
-        exp_path = self.ck.dir / "experiment.yaml"
-        if not exp_path.is_file():
-            raise UserError(f"--from: {str(self.ck.dir)!r} has no experiment.yaml (not a dsee-scale checkpoint)")
-        self.tuned = yaml.safe_load(exp_path.read_text())
+        self.tuned = self.ck.experiment()
         self.model_cfg = from_dict(ModelConfig, self.tuned["model"], "model")
         self.dsee = from_dict(DSEEConfig, self.tuned["dsee"], "dsee")
         self.config = hf_config(self.model_cfg)
