@@ -2,10 +2,12 @@
 
 Anything the user can fix (a config key, a path, a checkpoint) raises `UserError`.
 `cli_main` turns it into `error: <message>` on stderr and exit code 2.
+A run that starts but cannot go on (`RunStopped`, e.g. a diverged loss) is one line and exit 3.
 """
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 
@@ -17,8 +19,12 @@ class ConfigError(UserError):
     """A bad experiment / DSEE config value: names the key and what is allowed."""
 
 
+class RunStopped(Exception):
+    """A run that started but cannot go on (e.g. non-finite loss K steps in a row)."""
+
+
 def cli_main(main):
-    """Decorate a launcher's main(): UserError -> one line on stderr, exit 2."""
+    """Decorate a launcher's main(): UserError -> one line on stderr, exit 2; RunStopped -> exit 3."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -28,5 +34,10 @@ def cli_main(main):
             msg = " ".join(str(e).split())  # one line, whatever the message held
             print(f"error: {msg}", file=sys.stderr)
             sys.exit(2)
+        except RunStopped as e:  # the process group is down and the files are written
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)  # as after a finished run: no teardown for C++ threads to abort
 
     return wrapper

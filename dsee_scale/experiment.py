@@ -73,6 +73,8 @@ class TrainConfig:
     collective_timeout_s: int = 1800  # a rank that stops answering ends the job after this
     stop_at_step: Optional[int] = None  # end this run (with a checkpoint) at this step; the
     # schedule still runs to max_steps, so `--resume` continues it (e.g. Slurm time slices)
+    max_nonfinite_steps: int = 5  # a step whose loss or gradient is NaN/inf is skipped; this many
+    # skipped in a row stop the run (the last good checkpoint stays `latest`)
 
     def validate(self, section: str = "train") -> None:
         if (self.max_steps is None) == (self.epochs is None):
@@ -93,6 +95,9 @@ class TrainConfig:
             raise ConfigError(f"{section}.collective_timeout_s: must be >= 1")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ConfigError(f"{section}.stop_at_step: got {self.stop_at_step}, must be >= 1")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"{section}.max_nonfinite_steps: got {self.max_nonfinite_steps}, "
+                              "must be >= 1")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError(f"{section}: warmup_steps, grad_clip and weight_decay must be >= 0")
 

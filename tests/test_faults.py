@@ -1,4 +1,6 @@
 """Faults: a rank killed mid-training ends the whole job, promptly and with a non-zero exit."""
+import json
+import math
 import os
 import signal
 import subprocess
@@ -6,6 +8,7 @@ import sys
 import time
 
 import psutil
+import torch
 
 from train_helpers import ROOT, free_port, save_tiny_model, write_config
 
@@ -85,3 +88,98 @@ def test_a_corrupted_checkpoint_is_refused_by_resume_and_export(tmp_path):
                         str(tmp_path / "run" / "checkpoints"), str(tmp_path / "exp")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "does not match its checksum" in r.stderr and not (tmp_path / "exp").exists()
+
+
+def _params(ckpt_dir):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+
+
+def test_a_nan_batch_is_skipped_logged_and_leaves_the_state_unchanged(tmp_path):
+    """NaN in rank 0's batch at steps 3 and 5 of 5 (2 ranks): both steps skipped on every rank,
+    logged and counted; step 4 trains normally; the final checkpoint (step 5, written although
+    skipped) holds exactly the parameters of step 4, and no checkpoint is written for step 3."""
+    from train_helpers import check, launch
+
+    model = save_tiny_model(tmp_path, "gpt2")
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", model, out, tmp_path / "cache",
+                       train={"max_steps": 5, "max_nonfinite_steps": 2, "schedule": "constant"},
+                       checkpoint={"every": 1, "keep_last": 10})
+    os.environ["DSEE_FAULT_NAN_AT_STEPS"] = "3,5"
+    try:
+        r = check(launch(cfg, 2))
+    finally:
+        del os.environ["DSEE_FAULT_NAN_AT_STEPS"]
+    log = {rec["step"]: rec for rec in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())}
+    assert [s for s in log if log[s].get("skipped")] == [3, 5]
+    assert log[3]["loss"] is None and log[3]["grad_norm"] is None
+    assert all(math.isfinite(log[s]["loss"]) for s in (1, 2, 4))
+    assert "step 3: skipped" in r.stdout + r.stderr
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 2
+    ckpts = out / "checkpoints"
+    assert not (ckpts / "step_3").exists() and (ckpts / "latest").read_text() == "step_5"
+    before, after = _params(ckpts / "step_4"), _params(ckpts / "step_5")
+    trained = [k for k in after if "lora_" in k or "sparse_values" in k]
+    assert trained and all(torch.equal(before[k], after[k]) for k in after)
+    assert not torch.equal(_params(ckpts / "step_2")[trained[0]], before[trained[0]])  # step 4 trained
+
+
+def test_k_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(tmp_path):
+    from train_helpers import launch
+
+    model = save_tiny_model(tmp_path, "llama")
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", model, out, tmp_path / "cache",
+                       train={"max_steps": 8, "max_nonfinite_steps": 2},
+                       checkpoint={"every": 1, "keep_last": 2})
+    os.environ["DSEE_FAULT_NAN_AT_STEPS"] = "3,4,5"
+    try:
+        r = launch(cfg, 1)
+    finally:
+        del os.environ["DSEE_FAULT_NAN_AT_STEPS"]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 3 and len(errors) == 1, r.stderr[-3000:]
+    assert "steps 3-4: 2 steps in a row" in errors[0] and "max_nonfinite_steps=2" in errors[0]
+    ckpts = out / "checkpoints"
+    assert str(ckpts / "step_2") in errors[0]
+    assert (ckpts / "latest").read_text() == "step_2"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_1", "step_2"]
+    steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # stopped at the K-th, step 5 never ran
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == 2 and "stopped" in summary
+    r = launch(cfg, 1, "--resume", "train.max_nonfinite_steps=5")  # resumable from step 2
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_backward_loss_poisons_every_gradient_only_when_the_loss_is_not_finite():
+    from dsee_scale.training.nonfinite import backward_loss
+
+    w = torch.nn.Parameter(torch.ones(3))
+    backward_loss((w * 2).sum()).backward()
+    assert torch.equal(w.grad, torch.full((3,), 2.0))
+    w.grad = None
+    # an inf loss whose own gradient is finite (the case DeepSpeed's norm check would miss)
+    backward_loss((w * 2).sum() + torch.tensor(float("inf"))).backward()
+    assert torch.isnan(w.grad).all()
+
+
+def test_skips_counts_and_stops_after_k_in_a_row():
+    from dsee_scale.errors import RunStopped
+    from dsee_scale.training.nonfinite import Skips
+
+    s = Skips(limit=2, fp16=False)
+    assert not s.update(1, True, 1.0) and s.update(2, False, float("nan"))
+    assert not s.update(3, True, 1.0) and s.stop_message(None) is None  # the run was broken
+    assert s.update(4, False, 2.0) and s.update(5, False, float("inf"))  # finite loss, bad grad
+    assert s.total == 3 and "steps 4-5" in s.stop_message("ck/step_3") and "ck/step_3" in s.stop_message("ck/step_3")
+    f = Skips(limit=1, fp16=True)  # fp16: a loss-scale overflow is a skip, not a non-finite step
+    assert f.update(1, False, 1.0) and f.stop_message(None) is None and f.total == 1
+    try:
+        Skips(limit=3, fp16=False).update(1, True, float("nan"))
+    except RunStopped as e:
+        assert "applied the step" in str(e)
+    else:
+        raise AssertionError("an applied step with a NaN loss must stop the run")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from ..adapters import DSEELayer, inject
 from ..adapters.inject import check_num_sparse, resolve_targets
 from ..data import ByteTokenizer, build_corpus, micro_batch
-from ..errors import ConfigError
+from ..errors import ConfigError, RunStopped
 from ..models import load_tokenizer
 from ..zero import all_gather_objects, gathered
 from . import checkpoint as ckpt
@@ -24,6 +24,7 @@ from .distributed import setup_env
 from .engine import (build_model, create_engine, deepspeed_config, enable_gradient_checkpointing,
                      inject_distributed, trainable_count)
 from .monitor import Monitor, memory_scalars
+from .nonfinite import Skips, backward_loss, nan_fault
 
 
 def supports_digest(supports: dict[str, torch.Tensor]) -> str:
@@ -206,34 +207,50 @@ def run(exp, resume: bool = False, build=None) -> dict:
                "supports_digest": digests[0], "trainable_params": n_trainable}
     engine.train()
     eval_loss = None
+    skips = Skips(t.max_nonfinite_steps, fp16=t.precision == "fp16")
+    fault = nan_fault(engine.module, rank)
+    last_good = str(root / meta["tag"]) if resume else None
     for step in range(start, total_steps):
         t0 = time.perf_counter()
         loss_sum = 0.0
         for micro in range(accum):
             ids = micro_batch(corpus.train, step, micro, rank, world, t.micro_batch_size,
                               t.batch_size, t.seed)
-            loss = engine(input_ids=ids, labels=ids).loss
-            engine.backward(loss)
+            with fault(step + 1, micro):
+                loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(backward_loss(loss))
             engine.step()
             loss_sum += float(loss.detach().float().item())
         loss_mean = _mean_over_ranks(loss_sum / accum, world)
         dt = time.perf_counter() - t0
         done = step + 1
+        skipped = skips.update(done, engine.was_step_applied(), loss_mean)
         grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else None
+        grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None
         lr = scheduler.get_last_lr()[0] if scheduler is not None else t.lr
+        loss_log = loss_mean if math.isfinite(loss_mean) else None  # JSON has no NaN
         if rank == 0:
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": done, "loss": loss_mean, "lr": lr,
-                                    "grad_norm": grad_norm, "step_time": dt}) + "\n")
-            if done % t.log_every == 0 or done == total_steps:
+                f.write(json.dumps({"step": done, "loss": loss_log, "lr": lr,
+                                    "grad_norm": grad_norm, "step_time": dt,
+                                    **({"skipped": True} if skipped else {})}) + "\n")
+            if skipped:
+                monitor.text(f"step {done}: skipped (loss {loss_mean}, gradient not finite); "
+                             f"{skips.total} skipped so far")
+            if done % t.log_every == 0 or done == total_steps or skipped:
                 monitor.scalars(done, {
-                    "train/loss": loss_mean, "train/perplexity": math.exp(min(loss_mean, 50)),
-                    "train/lr": lr, "train/grad_norm": grad_norm,
+                    **({"train/loss": loss_mean, "train/perplexity": math.exp(min(loss_mean, 50)),
+                        "train/grad_norm": grad_norm} if not skipped else {}),
+                    "train/lr": lr, "train/skipped_steps": float(skips.total),
                     "train/samples": float(done * t.batch_size),
                     "perf/tokens_per_s": tokens_per_step / dt, "perf/step_time_s": dt,
                     **memory_scalars()})
             monitor.progress(done, loss_mean, tokens_per_step / dt)
+        stop_why = skips.stop_message(last_good)
+        if stop_why is not None:
+            summary.update(final_step=done, skipped_steps=skips.total, stopped=stop_why)
+            _finish(engine, monitor, out, summary, rank)
+            raise RunStopped(stop_why)
         if done % t.histogram_every == 0 or done == total_steps:
             dsee_histograms(engine.module, monitor, done)
         if corpus.eval is not None and (done % exp.eval.every == 0 or done == total_steps):
@@ -243,14 +260,22 @@ def run(exp, resume: bool = False, build=None) -> dict:
             monitor.text(f"step {done}: eval loss {eval_loss:.4f} "
                          f"perplexity {math.exp(min(eval_loss, 50)):.2f}")
         stop_here = t.stop_at_step is not None and done >= t.stop_at_step
-        if done % exp.checkpoint.every == 0 or done == total_steps or stop_here:
-            ckpt.save(engine, exp, done, world, supports, rank)
-        summary.update(final_step=done, final_loss=loss_mean)
+        # no checkpoint of a skipped step on schedule (the last good one stays `latest`); the
+        # final one is written anyway: its state is the last good one's
+        if (done % exp.checkpoint.every == 0 and not skipped) or done == total_steps or stop_here:
+            last_good = str(ckpt.save(engine, exp, done, world, supports, rank))
+        summary.update(final_step=done, final_loss=loss_log,
+                       skipped_steps=skips.total)
         if stop_here:
             monitor.text(f"stopping at step {done} (train.stop_at_step); resume with --resume")
             break
     summary["eval_loss"] = eval_loss
     summary["inject_seconds"] = inject_s
+    _finish(engine, monitor, out, summary, rank)
+    return summary
+
+
+def _finish(engine, monitor, out: Path, summary: dict, rank: int) -> None:
     summary["peak_rss_mb_per_rank"] = all_gather_objects(memory_scalars()["mem/rss_mb"])
     monitor.close()
     if rank == 0:
@@ -258,4 +283,3 @@ def run(exp, resume: bool = False, build=None) -> dict:
     engine.destroy()
     dist.barrier()
     dist.destroy_process_group()  # a clean exit: no gloo threads left to abort the process
-    return summary
