@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import peak_rss_mb, smollm2, stdlib_batch, write_result  # noqa: E402
+from bench.common import optimizer_bytes, peak_rss_mb, smollm2, stdlib_batch, write_result  # noqa: E402
 from dsee_scale.adapters import DSEEConfig, inject, trainable_parameter_count  # noqa: E402
 
 
@@ -41,11 +41,6 @@ def saved_bytes(model, ids) -> int:
     loss.backward()
     model.zero_grad(set_to_none=True)
     return total
-
-
-def optimizer_bytes(opt) -> int:
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if torch.is_tensor(v) and v.dim() > 0)
 
 
 def step(model, opt, ids) -> float:
@@ -118,7 +113,7 @@ def main() -> None:
     print(f"DSEE/LoRA step time: {result['step_time_ratio_dsee_over_lora']:.3f} "
           f"(dsee {med['dsee']:.3f}s, lora {med['lora']:.3f}s); trainable {trainable}; "
           f"optimizer bytes {opt_bytes}; activations {act}")
-    write_result("adapter_step" + ("_quick" if args.quick else ""), result)
+    write_result("adapter_step", result)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def environment() -> dict:
@@ -68,3 +69,52 @@ def stdlib_batch(tokenizer, batch: int, seq: int, split: str = "train", seed: in
         if len(ids) >= batch * seq:
             break
     return torch.tensor(ids[: batch * seq]).view(batch, seq)
+
+
+def stdlib_corpus(tokenizer, block: int = 256):
+    """Packed blocks of the standard library's source, split by module (train / held-out), built
+    by the framework's own data module (cached), as `launchers/train.py` sees them."""
+    from dsee_scale.data import build_corpus
+    from dsee_scale.experiment import DataConfig
+
+    return build_corpus(DataConfig(source="python_stdlib", block_size=block), tokenizer)
+
+
+def optimizer_bytes(opt) -> int:
+    """Bytes of optimizer state tensors (AdamW: exp_avg + exp_avg_sq)."""
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
+def tune(model, batches, steps: int, lr: float, log_every: int = 0) -> dict:
+    """AdamW (no weight decay), constant lr, grad-norm clip 1.0, batch `s % len(batches)` at
+    step s. Returns the losses, step times and optimizer-state bytes."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    losses, times = [], []
+    for s in range(steps):
+        ids = batches[s % len(batches)]
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        if log_every and (s + 1) % log_every == 0:
+            print(f"  step {s + 1}/{steps}: loss {losses[-1]:.4f} ({times[-1]:.2f}s)", flush=True)
+    model.eval()
+    return {"losses": losses, "step_seconds": times, "optimizer_state_bytes": optimizer_bytes(opt)}
+
+
+@torch.no_grad()
+def perplexity(model, eval_ids: torch.Tensor, batch: int = 4) -> float:
+    """exp(mean token loss) over the given blocks (each block on its own: stride = block size)."""
+    model.eval()
+    total = 0.0
+    for i in range(0, eval_ids.shape[0], batch):
+        ids = eval_ids[i:i + batch]
+        total += model(input_ids=ids, labels=ids).loss.item() * ids.shape[0]
+    return math.exp(total / eval_ids.shape[0])

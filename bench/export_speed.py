@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -37,16 +38,24 @@ def run_measured(cmd, env) -> tuple[float, float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-shard-size", default="500MB")
+    ap.add_argument("--config", default="configs/gpt2-large-random.yaml",
+                    help="the experiment whose 2-rank checkpoint is exported (1 step is trained)")
     args = ap.parse_args()
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
-    run = ROOT / "runs" / "gpt2-large-random"
+    config = ROOT / args.config
+    run = ROOT / "runs" / f"bench-export-{config.stem}"
     ckpt = run / "checkpoints"
     if not (ckpt / "latest").is_file():
         subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                         "--master_port", "29744", str(ROOT / "launchers" / "train.py"), "--config",
-                        str(ROOT / "configs" / "gpt2-large-random.yaml"), f"output_dir={run}"],
+                        str(config), f"output_dir={run}", "train.max_steps=1", "checkpoint.every=1",
+                        "eval.every=1000000"],
                        cwd=ROOT, env=env, check=True)
     tag_dir = ckpt / (ckpt / "latest").read_text().strip()
+    from dsee_scale.export.zero_checkpoint import ZeroCheckpoint
+
+    zc = ZeroCheckpoint(ckpt, tag_dir.name)
+    n_params = sum(math.prod(s) for s in {**zc.frozen_shapes, **zc.trainable_shapes}.values())
     ck_bytes = sum(f.stat().st_size for f in tag_dir.iterdir() if f.is_file())
 
     copy_dir = ROOT / "runs" / "bench-export-copy"
@@ -74,7 +83,8 @@ def main() -> None:
     import_rss = int(baseline.stdout.strip().splitlines()[-1]) / 1024
     result = {
         "checkpoint": str(tag_dir.relative_to(ROOT)), "checkpoint_ranks": 2,
-        "model": "GPT-2 large shape (774M), random, bf16",
+        "model": f"{config.stem} (random weights, {n_params / 1e6:.0f}M parameters)",
+        "config": args.config,
         "checkpoint_bytes": ck_bytes, "output_bytes": out_bytes, "shards": len(shards),
         "max_shard_size": args.max_shard_size, "largest_shard_bytes": largest,
         "plain_copy_seconds": copy_s, "plain_copy_bytes_per_s": ck_bytes / copy_s,

@@ -1,0 +1,259 @@
+"""bench/results/*.json -> a Markdown report with tables and PNG plots (matplotlib).
+
+    python bench/report.py [--results bench/results] [--out bench/REPORT.md]
+
+Only what the JSON files hold is reported; a missing benchmark is listed as not run. Each
+figure and table names the machine, the library versions and the exact command that made it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MATRICES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def provenance(res: dict) -> str:
+    e = res.get("environment", {})
+    return (f"{e.get('cpus')} CPUs {e.get('machine')}, torch {e.get('torch')}, deepspeed "
+            f"{e.get('deepspeed')}, transformers {e.get('transformers')}, peft {e.get('peft')}; "
+            f"{e.get('date')}; `{e.get('command')}`")
+
+
+def fig_footer(fig, res: dict) -> None:
+    fig.text(0.01, 0.005, provenance(res).replace("`", ""), fontsize=6, color="0.35", wrap=True)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 1e5 else f"{v:.3g}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return "" if v is None else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class Report:
+    def __init__(self, results: Path, out: Path):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        self.results, self.out = results, out
+        self.plots = results / "plots"
+        self.plots.mkdir(parents=True, exist_ok=True)
+        self.parts: list[str] = []
+        self.data = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+
+    def rel(self, p: Path) -> str:
+        return os.path.relpath(p, self.out.parent)
+
+    def save(self, fig, name: str, res: dict, title: str) -> None:
+        import matplotlib.pyplot as plt
+
+        fig_footer(fig, res)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        path = self.plots / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        self.parts.append(f"![{title}]({self.rel(path)})\n\n*{title}. {provenance(res)}*\n")
+
+    def add(self, text: str) -> None:
+        self.parts.append(text + "\n")
+
+    # -- sections ---------------------------------------------------------------------------
+    def quality(self) -> None:
+        import matplotlib.pyplot as plt
+
+        q = self.data.get("quality")
+        self.add("## Quality on SmolLM2-135M: DSEE vs LoRA vs full fine-tuning")
+        if q is None:
+            self.add("Not run (`python bench/quality.py`).")
+            return
+        ev = q["eval"]
+        self.add(f"{q['model']}; {q['data']}; batch {q['batch'][0]} x {q['batch'][1]}, "
+                 f"{q['steps']} steps = {q['tokens_per_method']:,} training tokens for every method; "
+                 f"held-out perplexity over {ev['blocks']} blocks of {ev['block_size']} tokens, "
+                 f"stride {ev['stride']} ({ev['tokens']:,} tokens).\n")
+        rows = []
+        for k, m in q["methods"].items():
+            rows.append([k, m["description"], m["trainable_parameters"], m["heldout_perplexity"],
+                         m.get("optimizer_state_bytes"), m.get("step_seconds_median"), m["peak_rss_mb"]])
+        self.add(table(["method", "what", "trainable params", "held-out ppl", "optimizer state bytes",
+                        "step s (median)", "peak RSS MB"], rows))
+        aims = q.get("aims", {})
+        if aims:
+            self.add("\nAims: " + "; ".join(f"{k} = {v:.4f}" if isinstance(v, float) else f"{k} = {v}"
+                                            for k, v in aims.items()) + "\n")
+        tuned = {k: m for k, m in q["methods"].items() if m.get("train_losses")}
+        if tuned:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for k, m in tuned.items():
+                ls = m["train_losses"]
+                w = min(5, len(ls))
+                smooth = [sum(ls[max(0, i - w + 1):i + 1]) / len(ls[max(0, i - w + 1):i + 1]) for i in range(len(ls))]
+                ax.plot(range(1, len(ls) + 1), smooth, label=k, lw=1.2)
+            ax.set_xlabel("step"), ax.set_ylabel(f"train loss (moving mean of {min(5, len(ls))})")
+            ax.legend(fontsize=7)
+            self.save(fig, "loss_curves", q, "Training loss, SmolLM2-135M on Python source")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k, m in q["methods"].items():
+            if m["trainable_parameters"]:
+                ax.scatter(m["trainable_parameters"], m["heldout_perplexity"], label=k)
+        if "base" in q["methods"]:
+            ax.axhline(q["methods"]["base"]["heldout_perplexity"], ls="--", c="0.5", label="base (no tuning)")
+        ax.set_xscale("log"), ax.set_xlabel("trainable parameters"), ax.set_ylabel("held-out perplexity")
+        ax.legend(fontsize=7)
+        self.save(fig, "ppl_vs_trainable", q, "Held-out perplexity vs trainable parameters")
+
+    def pruning(self) -> None:
+        import matplotlib.pyplot as plt
+
+        p = self.data.get("pruning")
+        self.add("## Pruning (DSEE's second sparsity) on the tuned SmolLM2-135M")
+        if p is None:
+            self.add("Not run (`python bench/pruning.py`).")
+            return
+        self.add(f"Base held-out perplexity {p['base_perplexity']:.3f}; DSEE-tuned ({p['tune_steps']} "
+                 f"steps) {p['tuned_perplexity']:.3f}; re-tuning {p['retune_steps']} steps of A, B, S "
+                 f"with the pruned weights frozen; held-out {p['eval_blocks']} blocks of {p['block']} "
+                 f"tokens, stride {p.get('eval_stride', p['block'])}. `wabs` is DSEE's score "
+                 f"|W + update|, `magnitude` is |W|, `wanda` is |W| x ||x||.\n")
+        un = p.get("unstructured", {})
+        if un:
+            rows = [[k.split("@")[0], float(k.split("@")[1]), v["pruned_ppl"], v["retuned_ppl"],
+                     v["merged_sparsity"]] for k, v in un.items()]
+            self.add(table(["score", "weight sparsity", "pruned ppl", "re-tuned ppl",
+                            "merged-weight zero fraction"], rows))
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for score, c in (("magnitude", "C0"), ("wabs", "C1"), ("wanda", "C2")):
+                pts = sorted((float(k.split("@")[1]), v) for k, v in un.items() if k.startswith(score + "@"))
+                if not pts:
+                    continue
+                xs = [0.0] + [x for x, _ in pts]
+                ax.plot(xs, [p["tuned_perplexity"]] + [v["pruned_ppl"] for _, v in pts], "--", c=c,
+                        label=f"{score}, pruned")
+                ax.plot(xs, [p["tuned_perplexity"]] + [v["retuned_ppl"] for _, v in pts], "-o", c=c,
+                        label=f"{score}, re-tuned", ms=3)
+            ax.set_yscale("log"), ax.set_xlabel("unstructured sparsity of the block weights")
+            ax.set_ylabel("held-out perplexity"), ax.legend(fontsize=7)
+            self.save(fig, "ppl_vs_sparsity", p, "Held-out perplexity vs unstructured sparsity")
+            self.sparsity_heatmap(p, un)
+        st = p.get("structured")
+        if isinstance(st, dict) and "removed" in st:  # older single-variant file
+            st = {"dsee_heads+weight_channels": st}
+        if st:
+            rows = [[k, v["removed"], v["pruned_ppl"], v["retuned_ppl"], v["params_pruned"],
+                     1 - v["params_pruned"] / v["params_dense"], v["speedup"]] for k, v in st.items()]
+            self.add(table(["scores", "removed per layer", "pruned ppl", "re-tuned ppl", "parameters",
+                            "parameters removed", "forward speed-up (same process)"], rows))
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for k, v in st.items():
+                x = 1 - v["params_pruned"] / v["params_dense"]
+                ax.scatter(x, v["speedup"])
+                ax.annotate(f"{k}\nppl {v['retuned_ppl']:.3g}", (x, v["speedup"]), fontsize=6)
+            ax.axhline(1.0, c="0.6", lw=0.8)
+            ax.set_xlabel("share of parameters removed (structured)"), ax.set_ylabel("forward tokens/s vs dense")
+            self.save(fig, "speed_vs_sparsity", p, "Forward speed-up vs structured sparsity")
+        hs = p.get("head_scores_dsee")
+        if hs:
+            fig, ax = plt.subplots(figsize=(5, 6))
+            im = ax.imshow(hs, aspect="auto", cmap="viridis")
+            ax.set_xlabel("q head"), ax.set_ylabel("layer"), fig.colorbar(im, ax=ax)
+            self.save(fig, "heatmap_head_importance", p, "DSEE head importance (|BA + S| of q, v) per layer")
+
+    def sparsity_heatmap(self, p: dict, un: dict) -> None:
+        import matplotlib.pyplot as plt
+
+        ratio = max(float(k.split("@")[1]) for k in un)
+        picks = [(s, un.get(f"{s}@{ratio}")) for s in ("magnitude", "wabs", "wanda")]
+        picks = [(s, v) for s, v in picks if v and v.get("per_matrix_weight_sparsity")]
+        if not picks:
+            return
+        fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 6), squeeze=False)
+        for ax, (score, v) in zip(axes[0], picks):
+            per = v["per_matrix_weight_sparsity"]
+            layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in per})
+            grid = [[next((f for n, f in per.items() if f".layers.{i}." in n and n.endswith(m)), math.nan)
+                     for m in MATRICES] for i in layers]
+            im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="magma")
+            ax.set_title(f"{score} @ {ratio}", fontsize=9)
+            ax.set_xticks(range(len(MATRICES)), [m.split("_")[0] for m in MATRICES], fontsize=7)
+            ax.set_ylabel("layer")
+        fig.colorbar(im, ax=list(axes[0]))
+        self.save(fig, "heatmap_layer_sparsity", p, f"Per-layer zero fraction at {ratio} global sparsity")
+
+    def speed(self) -> None:
+        self.add("## Speed and memory (ratios against a baseline in the same process)")
+        rows = []
+        a = self.data.get("adapter_step")
+        if a:
+            rows.append(["DSEE / LoRA train step (SmolLM2, CPU)", a["step_time_ratio_dsee_over_lora"],
+                         "<= 1.05", provenance(a)])
+            rows.append(["DSEE / LoRA optimizer state", a["optimizer_state_ratio_dsee_over_lora"], "", provenance(a)])
+        z = self.data.get("zero3_step")
+        if z:
+            for k, v in z["ratio_over_plain"].items():
+                if k != "plain_pytorch":
+                    rows.append([f"{k} / plain PyTorch step", v, "", provenance(z)])
+        s = self.data.get("support_selection")
+        if s:
+            rows.append([f"GreBsmo support selection, {s['matrices']} matrices (s)",
+                         s["seconds_all_matrices"]["grebsmo"], "< 20 s", provenance(s)])
+            rows.append(["literal GreBsmo / ours (time)", s["speedup_ours_over_reference"], "", provenance(s)])
+        e = self.data.get("export_speed")
+        if e:
+            rows.append([f"export MB/s ({e['model']})", e["export_output_bytes_per_s"] / 1e6, "", provenance(e)])
+            rows.append(["export time / plain copy time", e["export_over_copy_time_ratio"], "", provenance(e)])
+            rows.append(["export peak RSS above imports / largest shard",
+                         e["export_rss_above_imports_over_largest_shard"], "", provenance(e)])
+        p = self.data.get("pruning")
+        if p and isinstance(p.get("structured"), dict):
+            for k, v in p["structured"].items():
+                if isinstance(v, dict) and "speedup" in v:
+                    rows.append([f"pruned / dense forward tokens/s ({k})", v["speedup"], "1.25", provenance(p)])
+        sc = self.data.get("zero3_scale")
+        if sc:
+            rows.append([f"{sc['model']}, {sc['ranks']} ranks, ZeRO-3 offload: peak RSS GiB, all ranks",
+                         sc["peak_rss_gib_all_ranks"], f"< {sc['machine_ram_gib']:.1f} GiB RAM", provenance(sc)])
+        self.add(table(["figure", "value", "aim", "machine / versions / command"], rows) if rows else "Not run.")
+        for name, g in self.data.items():
+            if name.startswith("gpu_zero3_"):
+                self.add(f"\n### {g['device']} (`{name}.json`)\n")
+                self.add(table(["model / method", "trainable", "tokens/s", "peak GPU MB"],
+                               [[k, r["trainable_parameters"], r["tokens_per_s"], r["peak_gpu_memory_mb"]]
+                                for k, r in g["rows"].items()]))
+                self.add("\n" + provenance(g))
+        if not any(n.startswith("gpu_zero3_") and "cpu" not in n for n in self.data):
+            self.add("\nGPU: no GPU result yet (`python bench/run_all.py --gpu` on a GPU machine).")
+
+    def write(self) -> Path:
+        head = ["# dsee-scale benchmark report",
+                "Generated by `python bench/report.py` from the JSON files in "
+                f"`{self.rel(self.results)}/`; every number below was measured by the command "
+                "named beside it. Times are ratios against a baseline run in the same process "
+                "where one exists.\n"]
+        self.quality()
+        self.pruning()
+        self.speed()
+        self.out.write_text("\n".join(head + self.parts) + "\n")
+        print(f"wrote {self.out} and {len(list(self.plots.glob('*.png')))} plots in {self.plots}")
+        return self.out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "REPORT.md"))
+    args = ap.parse_args()
+    Report(Path(args.results), Path(args.out)).write()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The benchmark tooling: the report reflects the JSON it reads, the GPU benchmark's code path runs
+(on CPU, tiny models) and counts parameters right, bad arguments are one-line errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from train_helpers import ROOT, free_port
+
+BENCH = ROOT / "bench"
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, DS_ACCELERATOR="cpu", **(env or {})), timeout=900)
+
+
+def test_report_tables_and_plots_come_from_the_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("adapter_step", "pruning", "zero3_step"):
+        shutil.copy(BENCH / "results" / f"{name}.json", results)
+    r = run(BENCH / "report.py", "--results", results, "--out", tmp_path / "REPORT.md")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "REPORT.md").read_text()
+    a = json.loads((results / "adapter_step.json").read_text())
+    assert f"| DSEE / LoRA train step (SmolLM2, CPU) | {a['step_time_ratio_dsee_over_lora']:,.3f} |" in text
+    assert a["environment"]["command"] in text  # provenance beside the figure
+    p = json.loads((results / "pruning.json").read_text())
+    for key, row in p["unstructured"].items():
+        assert f"| {row['pruned_ppl']:,.3f} | {row['retuned_ppl']:,.3f} |" in text, key
+    assert "Not run (`python bench/quality.py`)" in text  # no quality.json: said, not invented
+    pngs = sorted(x.name for x in (results / "plots").glob("*.png"))
+    assert "ppl_vs_sparsity.png" in pngs and "speed_vs_sparsity.png" in pngs
+    assert "loss_curves.png" not in pngs
+    for png in (results / "plots").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{png.name}" in text
+
+
+def test_gpu_benchmark_code_path_on_cpu_with_tiny_models(tmp_path):
+    pytest.importorskip("peft")
+    r = run(BENCH / "gpu_zero3.py", "--device", "cpu", "--tiny", "--steps", "1", "--batch", "2",
+            "--seq", "16", env={"BENCH_RESULTS": str(tmp_path), "MASTER_PORT": str(free_port())})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_zero3_cpu_tiny.json").read_text())
+    rows = res["rows"]
+    assert set(rows) == {"gpt2-medium/dsee", "gpt2-medium/lora", "smollm2-135m/dsee", "smollm2-135m/lora"}
+    # tiny LLaMA: hidden 72, 9 heads of 8, 3 kv heads (v: 72 -> 24), 2 layers; r=8, N=64
+    assert rows["smollm2-135m/dsee"]["trainable_parameters"] == 2 * (8 * (72 + 72) + 64 + 8 * (72 + 24) + 64)
+    assert rows["smollm2-135m/lora"]["trainable_parameters"] == 2 * (8 * (72 + 72) + 8 * (72 + 24))
+    # tiny GPT-2: n_embd 64; DSEE on the q and v slices of c_attn, PEFT LoRA on all of c_attn
+    assert rows["gpt2-medium/dsee"]["trainable_parameters"] == 2 * 2 * (8 * (64 + 64) + 64)
+    assert rows["gpt2-medium/lora"]["trainable_parameters"] == 2 * 8 * (64 + 3 * 64)
+    assert all(v["tokens_per_s"] > 0 and v["peak_gpu_memory_mb"] is None for v in rows.values())
+
+
+def test_bench_bad_arguments_are_one_line_errors():
+    r = run(BENCH / "run_all.py", "--only", "quality,nonsense")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --only: unknown nonsense (allowed: " + ", ".join(
+            ["support_selection", "adapter_step", "zero3_step", "quality", "pruning", "export_speed",
+             "zero3_scale"]) + ")"]
+    import torch
+
+    if not torch.cuda.is_available():
+        r = run(BENCH / "gpu_zero3.py")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+        assert r.stderr.startswith("error: --device cuda: no CUDA GPU is visible")
+    r = run(BENCH / "quality.py", "--methods", "base,lora_r99")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --methods: unknown lora_r99 (allowed: base, full, lora_r8, dsee_grebsmo, dsee_svd, "
+        "dsee_magnitude, dsee_random, lora_matched)")
