@@ -29,9 +29,19 @@ def environment() -> dict:
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
-        "peft": peft_version, "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "peft": peft_version, "command": command(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def command() -> str:
+    """This process's command line, with the script relative to the repository root."""
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(Path(__file__).resolve().parents[1])
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *sys.argv[1:]])
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -156,9 +156,9 @@ class Report:
             fig, ax = plt.subplots(figsize=(7, 4))
             for k, v in st.items():
                 x = 1 - v["params_pruned"] / v["params_dense"]
-                ax.scatter(x, v["speedup"])
-                ax.annotate(f"{k}\nppl {v['retuned_ppl']:.3g}", (x, v["speedup"]), fontsize=6)
+                ax.scatter(x, v["speedup"], label=f"{k} (re-tuned ppl {v['retuned_ppl']:.3g})")
             ax.axhline(1.0, c="0.6", lw=0.8)
+            ax.legend(fontsize=6, loc="lower right")
             ax.set_xlabel("share of parameters removed (structured)"), ax.set_ylabel("forward tokens/s vs dense")
             self.save(fig, "speed_vs_sparsity", p, "Forward speed-up vs structured sparsity")
         hs = p.get("head_scores_dsee")
@@ -186,7 +186,7 @@ class Report:
             ax.set_title(f"{score} @ {ratio}", fontsize=9)
             ax.set_xticks(range(len(MATRICES)), [m.split("_")[0] for m in MATRICES], fontsize=7)
             ax.set_ylabel("layer")
-        fig.colorbar(im, ax=list(axes[0]))
+            fig.colorbar(im, ax=ax, fraction=0.08)
         self.save(fig, "heatmap_layer_sparsity", p, f"Per-layer zero fraction at {ratio} global sparsity")
 
     def speed(self) -> None:
