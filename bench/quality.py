@@ -55,7 +55,7 @@ def dsee_trainable_count(model) -> int:
     return sum(DSEE["r"] * (m.in_features + m.out_features) + DSEE["num_sparse"] for m in mats)
 
 
-def prepare(method: str, model):
+def prepare(method: str, model, seed: int = 0):
     """Apply `method` to `model`; returns (model, description)."""
     from peft import LoraConfig, get_peft_model
 
@@ -68,15 +68,15 @@ def prepare(method: str, model):
     if method.startswith("dsee_"):
         support = method.split("_", 1)[1]
         t0 = time.perf_counter()
-        inject(model, DSEEConfig(**DSEE, support=support, target_modules=TARGETS))
+        inject(model, DSEEConfig(**DSEE, support=support, target_modules=TARGETS, seed=seed))
         return model, f"DSEE r=8 N=64 q,v, {support} support ({time.perf_counter() - t0:.1f}s)"
     r = 8 if method == "lora_r8" else lora_rank_matching(model, dsee_trainable_count(model))
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS))
     return model, f"PEFT LoRA r={r} alpha={2 * r} q,v"
 
 
-def run_method(method: str, steps: int, eval_blocks: int) -> dict:
-    torch.manual_seed(0)
+def run_method(method: str, steps: int, eval_blocks: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)  # LoRA's initialisation; DSEE's is DSEEConfig.seed; data order is fixed
     model, tok = smollm2()
     corpus = stdlib_corpus(tok, BLOCK)
     from dsee_scale.data import micro_batch
@@ -88,7 +88,7 @@ def run_method(method: str, steps: int, eval_blocks: int) -> dict:
                 "heldout_perplexity": perplexity(model, eval_ids), "peak_rss_mb": peak_rss_mb()}
     for p in model.parameters():
         p.requires_grad_(False)
-    model, desc = prepare(method, model)
+    model, desc = prepare(method, model, seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{method}: {desc}, {trainable:,} trainable", flush=True)
     t = tune(model, batches, steps, LR.get(method, ADAPTER_LR), log_every=10)
@@ -104,11 +104,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-blocks", type=int, default=48)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--seed", type=int, default=0,
+                    help="adapter initialisation seed (and DSEE's random support); the data are the same; "
+                    "seed > 0 writes quality_seed<N>.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run this method, JSON to --to
     ap.add_argument("--to", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        Path(args.to).write_text(json.dumps(run_method(args.one, args.steps, args.eval_blocks)))
+        Path(args.to).write_text(json.dumps(run_method(args.one, args.steps, args.eval_blocks, args.seed)))
         return
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
@@ -124,18 +127,18 @@ def main() -> None:
             to = Path(tmp) / f"{m}.json"
             t0 = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--one", m, "--to", str(to), "--steps",
-                            str(args.steps), "--eval-blocks", str(args.eval_blocks)],
+                            str(args.steps), "--eval-blocks", str(args.eval_blocks), "--seed", str(args.seed)],
                            check=True, env=dict(os.environ))
             rows[m] = json.loads(to.read_text())
             rows[m]["wall_seconds"] = time.perf_counter() - t0
             print(f"  -> held-out perplexity {rows[m]['heldout_perplexity']:.3f}", flush=True)
     result = {"model": "SmolLM2-135M-Instruct (GGUF dequantized to fp32)",
               "data": "Python standard library, packed blocks; train modules / held-out modules",
-              "batch": [BATCH, BLOCK], "steps": args.steps, "tokens_per_method": args.steps * BATCH * BLOCK,
+              "batch": [BATCH, BLOCK], "steps": args.steps, "seed": args.seed, "tokens_per_method": args.steps * BATCH * BLOCK,
               "eval": {"blocks": args.eval_blocks, "block_size": BLOCK, "stride": BLOCK,
                        "tokens": args.eval_blocks * BLOCK},
               "methods": rows, "aims": aims(rows)}
-    write_result("quality", result)
+    write_result("quality" + (f"_seed{args.seed}" if args.seed else ""), result)
     for k, v in result["aims"].items():
         print(f"{k}: {v}")
 

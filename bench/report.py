@@ -87,6 +87,7 @@ class Report:
                          m.get("optimizer_state_bytes"), m.get("step_seconds_median"), m["peak_rss_mb"]])
         self.add(table(["method", "what", "trainable params", "held-out ppl", "optimizer state bytes",
                         "step s (median)", "peak RSS MB"], rows))
+        self.seed_spread(q)
         tuned = {k: m for k, m in q["methods"].items() if m.get("train_losses")}
         if tuned:
             fig, ax = plt.subplots(figsize=(7, 4))
@@ -107,6 +108,21 @@ class Report:
         ax.set_xscale("log"), ax.set_xlabel("trainable parameters"), ax.set_ylabel("held-out perplexity")
         ax.legend(fontsize=7)
         self.save(fig, "ppl_vs_trainable", q, "Held-out perplexity vs trainable parameters")
+
+    def seed_spread(self, q: dict) -> None:
+        """Reruns with another initialisation seed (bench/quality.py --seed N): the noise floor."""
+        reruns = {n: r for n, r in self.data.items() if n.startswith("quality_seed")}
+        rows = []
+        for name, r in sorted(reruns.items()):
+            for k, m in r["methods"].items():
+                if k in q["methods"]:
+                    a, b = q["methods"][k]["heldout_perplexity"], m["heldout_perplexity"]
+                    rows.append([k, r["seed"], a, b, b - a, provenance(r)])
+        if rows:
+            self.add("\nThe same methods, data and steps with another initialisation seed (the noise floor "
+                     "of the comparison above):\n")
+            self.add(table(["method", "seed", "ppl, seed 0", "ppl, this seed", "difference",
+                            "machine / versions / command"], rows))
 
     def pruning(self) -> None:
         import matplotlib.pyplot as plt

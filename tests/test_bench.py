@@ -22,7 +22,7 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "results"
     results.mkdir()
-    for name in ("adapter_step", "pruning", "zero3_step"):
+    for name in ("adapter_step", "pruning", "zero3_step", "quality", "quality_seed1"):
         shutil.copy(BENCH / "results" / f"{name}.json", results)
     r = run(BENCH / "report.py", "--results", results, "--out", tmp_path / "REPORT.md")
     assert r.returncode == 0, r.stderr
@@ -33,10 +33,18 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
     p = json.loads((results / "pruning.json").read_text())
     for key, row in p["unstructured"].items():
         assert f"| {row['pruned_ppl']:,.3f} | {row['retuned_ppl']:,.3f} |" in text, key
-    assert "Not run (`python bench/quality.py`)" in text  # no quality.json: said, not invented
+    q, q1 = (json.loads((results / f"{n}.json").read_text())["methods"] for n in ("quality", "quality_seed1"))
+    for k, m in q1.items():  # the seed rerun beside the seed-0 number, with the difference
+        a, b = q[k]["heldout_perplexity"], m["heldout_perplexity"]
+        assert f"| {k} | 1 | {a:,.3f} | {b:,.3f} | {b - a:,.3f} |" in text
+    lora = q["lora_r8"]["heldout_perplexity"] >= q["dsee_grebsmo"]["heldout_perplexity"]
+    assert f"trainable): **{'met' if lora else 'missed'}**" in text
     pngs = sorted(x.name for x in (results / "plots").glob("*.png"))
-    assert "ppl_vs_sparsity.png" in pngs and "speed_vs_sparsity.png" in pngs
-    assert "loss_curves.png" not in pngs
+    assert {"ppl_vs_sparsity.png", "speed_vs_sparsity.png", "loss_curves.png", "ppl_vs_trainable.png",
+            "heatmap_layer_sparsity.png", "heatmap_head_importance.png"} <= set(pngs)
+    (results / "quality.json").unlink()
+    assert run(BENCH / "report.py", "--results", results, "--out", tmp_path / "R2.md").returncode == 0
+    assert "Not run (`python bench/quality.py`)" in (tmp_path / "R2.md").read_text()  # said, not invented
     for png in (results / "plots").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{png.name}" in text
 
