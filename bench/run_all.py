@@ -1,6 +1,6 @@
 """Every benchmark in bench/, then the report: one command.
 
-    python bench/run_all.py            # full: about 2 hours on a 2-core CPU machine (below)
+    python bench/run_all.py            # full: about 1.5 hours on a 2-core CPU machine (below)
     python bench/run_all.py --quick    # every benchmark, small settings: under 15 minutes
     python bench/run_all.py --gpu      # the GPU benchmark only (bench/gpu_zero3.py)
     python bench/run_all.py --only quality,pruning     # a subset (then the report)
@@ -29,9 +29,9 @@ BENCHES = {
     "zero3_step": (["--steps", "6"], ["--steps", "2", "--batch", "2", "--seq", "128"], 3),
     "quality": (["--steps", "60", "--eval-blocks", "48"],
                 ["--steps", "2", "--eval-blocks", "4", "--methods",
-                 "base,full,lora_r8,dsee_grebsmo,dsee_random,lora_matched"], 50),
+                 "base,full,lora_r8,dsee_grebsmo,dsee_random,lora_matched"], 33),
     "pruning": ([], ["--tune-steps", "2", "--retune-steps", "1", "--eval-blocks", "4", "--ratios",
-                     "0.3", "--channel-fractions", "0.25", "--speed-rounds", "1"], 35),
+                     "0.3", "--channel-fractions", "0.25", "--speed-rounds", "1"], 37),
     "export_speed": ([], ["--config", "configs/gpt2-medium-random.yaml"], 5),
     "zero3_scale": ([], None, 4),
 }
