@@ -84,7 +84,8 @@ def adapt(model, method: str):
                                             target_modules=LORA_TARGETS[mt]))
 
 
-def measure(name: str, method: str, args, device: str) -> dict:
+def measure(name: str, method: str, args) -> dict:
+    device = args.device
     import deepspeed
 
     model, desc = build(name, args.tiny)
@@ -147,7 +148,7 @@ def main() -> None:
     rows = {}
     for name in ("gpt2-medium", "smollm2-135m"):
         for method in ("dsee", "lora"):
-            rows[f"{name}/{method}"] = measure(name, method, args, args.device)
+            rows[f"{name}/{method}"] = measure(name, method, args)
     ratios = {name: {"tokens_per_s_dsee_over_lora": rows[f"{name}/dsee"]["tokens_per_s"]
                      / rows[f"{name}/lora"]["tokens_per_s"],
                      "step_time_dsee_over_lora": rows[f"{name}/dsee"]["step_seconds_median"]

@@ -42,17 +42,21 @@ ADAPTER_LR = 4e-4
 BATCH, BLOCK = 4, 256
 
 
+def target_matrices(model) -> list[torch.nn.Linear]:
+    return [m for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS]
+
+
 def lora_rank_matching(model, dsee_trainable: int) -> int:
     """Smallest LoRA rank on TARGETS with at least `dsee_trainable` parameters."""
-    per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS)
+    per_rank = sum(m.in_features + m.out_features for m in target_matrices(model))
     return -(-dsee_trainable // per_rank)
 
 
 def dsee_trainable_count(model) -> int:
     """DSEE's trainable count on TARGETS without building it: r (in + out) + N per matrix."""
-    mats = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS]
-    return sum(DSEE["r"] * (m.in_features + m.out_features) + DSEE["num_sparse"] for m in mats)
+    return sum(DSEE["r"] * (m.in_features + m.out_features) + DSEE["num_sparse"]
+               for m in target_matrices(model))
 
 
 def prepare(method: str, model, seed: int = 0):

@@ -30,14 +30,15 @@ def cli_main(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UserError as e:
+        except (UserError, RunStopped) as e:
             msg = " ".join(str(e).split())  # one line, whatever the message held
             print(f"error: {msg}", file=sys.stderr)
-            sys.exit(2)
-        except RunStopped as e:  # the process group is down and the files are written
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            if isinstance(e, UserError):
+                sys.exit(2)
+            # RunStopped: the process group is down and the files are written; leave as after a
+            # finished run, without the teardown that C++ threads can abort
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(3)  # as after a finished run: no teardown for C++ threads to abort
+            os._exit(3)
 
     return wrapper
