@@ -52,7 +52,7 @@ def main() -> None:
                         "eval.every=1000000"],
                        cwd=ROOT, env=env, check=True)
     tag_dir = ckpt / (ckpt / "latest").read_text().strip()
-    from dsee_scale.export.zero_checkpoint import ZeroCheckpoint
+    from dsee_scale.checkpoint import ZeroCheckpoint
 
     zc = ZeroCheckpoint(ckpt, tag_dir.name)
     n_params = sum(math.prod(s) for s in {**zc.frozen_shapes, **zc.trainable_shapes}.values())

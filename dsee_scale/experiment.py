@@ -168,6 +168,10 @@ def load_experiment(path: str, overrides: list[str] | None = None) -> Experiment
     if "model" not in data:
         raise ConfigError(f"{path}: the model section is required")
     exp = from_dict(ExperimentConfig, data, "")
+    out = Path(exp.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {str(out)!r} is an existing file, not a directory; "
+                          "choose another output_dir")
     ds = Path(exp.deepspeed)
     if not ds.is_file() and not ds.is_absolute() and (REPO / ds).is_file():
         exp.deepspeed = str(REPO / ds)  # the shipped ds_configs/, from any working directory

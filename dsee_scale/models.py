@@ -65,6 +65,32 @@ def build_config(cfg: ModelConfig):
         raise ConfigError(f"model.config: {e}") from None
 
 
+def load_config(cfg: ModelConfig):
+    """The model's transformers config alone (no weights): from `config`, a directory's
+    config.json or a GGUF's metadata."""
+    from transformers import AutoConfig
+
+    mc = resolve_preset(cfg)
+    if mc.config is not None:
+        config = build_config(mc)
+    else:
+        try:
+            if mc.path is not None:
+                config = AutoConfig.from_pretrained(mc.path)
+            else:
+                g = Path(mc.gguf_file)
+                config = AutoConfig.from_pretrained(str(g.parent), gguf_file=g.name)
+        except Exception as e:  # missing / corrupt config.json or GGUF: many exception types
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if mc.path is not None:
+                raise UserError(f"model.path: cannot load {mc.path!r}: {why}") from None
+            raise UserError(f"model.gguf_file: {mc.gguf_file!r} is not a readable GGUF model: "
+                            f"{why}") from None
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # GGUF: the weights are dequantized on load
+    return config
+
+
 def load_model(cfg: ModelConfig):
     """The causal LM described by cfg, on CPU, in cfg.dtype (frozen weights stay in it)."""
     from transformers import AutoModelForCausalLM

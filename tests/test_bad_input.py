@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from train_helpers import ROOT, launch
+from helpers import ROOT, launch
 
 TINY = ROOT / "configs" / "gpt2-tiny.yaml"
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from train_helpers import ROOT, free_port
+from helpers import ROOT, free_port
 
 BENCH = ROOT / "bench"
 

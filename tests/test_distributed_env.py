@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from dsee_scale.training.distributed import discover, expand_nodelist, hostfile
-from train_helpers import ROOT
+from helpers import ROOT
 
 
 def test_deepspeed_launcher_and_torchrun_env():

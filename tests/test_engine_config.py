@@ -6,7 +6,7 @@ import pytest
 from dsee_scale.errors import ConfigError
 from dsee_scale.experiment import load_experiment
 from dsee_scale.training.engine import deepspeed_config
-from train_helpers import ROOT
+from helpers import ROOT
 
 
 def exp(*overrides):

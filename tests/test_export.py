@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from dsee_scale.adapters import DSEEConfig, inject, load_adapter
 from dsee_scale.export import export_checkpoint
-from dsee_scale.export.zero_checkpoint import ZeroCheckpoint
-from train_helpers import ROOT, check, launch, save_tiny_model, write_config
+from dsee_scale.checkpoint import ZeroCheckpoint
+from helpers import ROOT, check, launch, save_tiny_model, write_config
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 

@@ -10,7 +10,8 @@ import time
 import psutil
 import torch
 
-from train_helpers import ROOT, free_port, save_tiny_model, write_config
+from dsee_scale import faults
+from helpers import ROOT, free_port, save_tiny_model, write_config
 
 
 def test_kill_9_of_one_rank_ends_the_job_within_two_minutes(tmp_path):
@@ -47,19 +48,17 @@ def test_kill_9_of_one_rank_ends_the_job_within_two_minutes(tmp_path):
     assert "--local_rank=1" in output and "-9" in output  # the launcher names the dead rank
 
 
-def test_killed_during_save_resumes_from_the_previous_checkpoint(tmp_path):
-    from train_helpers import check, launch, losses
+def test_killed_during_save_resumes_from_the_previous_checkpoint(tmp_path, monkeypatch):
+    from helpers import check, launch, losses
 
     model = save_tiny_model(tmp_path, "llama")
     kw = dict(checkpoint={"every": 2, "keep_last": 3})
     full = write_config(tmp_path / "full.yaml", model, tmp_path / "full", tmp_path / "cache", **kw)
     check(launch(full, 1))
     cfg = write_config(tmp_path / "cut.yaml", model, tmp_path / "cut", tmp_path / "cache", **kw)
-    os.environ["DSEE_FAULT_KILL_DURING_SAVE"] = "4"
-    try:
-        r = launch(cfg, 1)
-    finally:
-        del os.environ["DSEE_FAULT_KILL_DURING_SAVE"]
+    monkeypatch.setenv(faults.KILL_DURING_SAVE, "4")
+    r = launch(cfg, 1)
+    monkeypatch.delenv(faults.KILL_DURING_SAVE)
     assert r.returncode != 0
     ckpts = tmp_path / "cut" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_2"  # the half-saved step_4 is not `latest`
@@ -72,7 +71,7 @@ def test_killed_during_save_resumes_from_the_previous_checkpoint(tmp_path):
 
 
 def test_a_corrupted_checkpoint_is_refused_by_resume_and_export(tmp_path):
-    from train_helpers import check, launch
+    from helpers import check, launch
 
     model = save_tiny_model(tmp_path, "gpt2")
     cfg = write_config(tmp_path / "c.yaml", model, tmp_path / "run", tmp_path / "cache",
@@ -96,22 +95,19 @@ def _params(ckpt_dir):
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
 
 
-def test_a_nan_batch_is_skipped_logged_and_leaves_the_state_unchanged(tmp_path):
+def test_a_nan_batch_is_skipped_logged_and_leaves_the_state_unchanged(tmp_path, monkeypatch):
     """NaN in rank 0's batch at steps 3 and 5 of 5 (2 ranks): both steps skipped on every rank,
     logged and counted; step 4 trains normally; the final checkpoint (step 5, written although
     skipped) holds exactly the parameters of step 4, and no checkpoint is written for step 3."""
-    from train_helpers import check, launch
+    from helpers import check, launch
 
     model = save_tiny_model(tmp_path, "gpt2")
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", model, out, tmp_path / "cache",
                        train={"max_steps": 5, "max_nonfinite_steps": 2, "schedule": "constant"},
                        checkpoint={"every": 1, "keep_last": 10})
-    os.environ["DSEE_FAULT_NAN_AT_STEPS"] = "3,5"
-    try:
-        r = check(launch(cfg, 2))
-    finally:
-        del os.environ["DSEE_FAULT_NAN_AT_STEPS"]
+    monkeypatch.setenv(faults.NAN_AT_STEPS, "3,5")
+    r = check(launch(cfg, 2))
     log = {rec["step"]: rec for rec in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())}
     assert [s for s in log if log[s].get("skipped")] == [3, 5]
     assert log[3]["loss"] is None and log[3]["grad_norm"] is None
@@ -126,19 +122,17 @@ def test_a_nan_batch_is_skipped_logged_and_leaves_the_state_unchanged(tmp_path):
     assert not torch.equal(_params(ckpts / "step_2")[trained[0]], before[trained[0]])  # step 4 trained
 
 
-def test_k_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(tmp_path):
-    from train_helpers import launch
+def test_k_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from helpers import launch
 
     model = save_tiny_model(tmp_path, "llama")
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", model, out, tmp_path / "cache",
                        train={"max_steps": 8, "max_nonfinite_steps": 2},
                        checkpoint={"every": 1, "keep_last": 2})
-    os.environ["DSEE_FAULT_NAN_AT_STEPS"] = "3,4,5"
-    try:
-        r = launch(cfg, 1)
-    finally:
-        del os.environ["DSEE_FAULT_NAN_AT_STEPS"]
+    monkeypatch.setenv(faults.NAN_AT_STEPS, "3,4,5")
+    r = launch(cfg, 1)
+    monkeypatch.delenv(faults.NAN_AT_STEPS)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 3 and len(errors) == 1, r.stderr[-3000:]
     assert "steps 3-4: 2 steps in a row" in errors[0] and "max_nonfinite_steps=2" in errors[0]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import randomize_dsee, tiny_gpt2, tiny_llama
+from helpers import randomize_dsee, tiny_gpt2, tiny_llama
 from dsee_scale.adapters import (DSEEConfig, DSEELayer, adapter_state_dict, expected_trainable_count,
                                  inject, load_adapter, merge, save_adapter, supports_of,
                                  trainable_parameter_count, unmerge)

@@ -11,9 +11,9 @@ from dsee_scale.adapters import DSEEConfig, inject
 from dsee_scale.data import ByteTokenizer, build_corpus, micro_batch
 from dsee_scale.experiment import load_experiment
 from dsee_scale.export import export_checkpoint
-from dsee_scale.export.zero_checkpoint import ZeroCheckpoint
+from dsee_scale.checkpoint import ZeroCheckpoint
 from dsee_scale.pruning import LayerPlan, Plan, mask_hooks
-from train_helpers import ROOT, check, launch, losses, save_tiny_model, write_config
+from helpers import ROOT, check, launch, losses, save_tiny_model, write_config
 
 TARGETS = {"gpt2": ["c_attn:q", "c_attn:v", "mlp.c_fc"], "llama": ["q_proj", "v_proj", "up_proj"]}
 
@@ -48,9 +48,8 @@ def rebuilt(ckpt_dir, model_path=None):
     if model_path is not None:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     else:
-        from dsee_scale.export import hf_config
-        from dsee_scale.models import ModelConfig
-        model = AutoModelForCausalLM.from_config(hf_config(ModelConfig(config=exp["model"]["config"])))
+        from dsee_scale.models import ModelConfig, load_config
+        model = AutoModelForCausalLM.from_config(load_config(ModelConfig(config=exp["model"]["config"])))
     inject(model, DSEEConfig(**exp["dsee"]), load_file(str(ck.dir / "dsee_supports.safetensors")))
     model.load_state_dict({k: v.float() for k, v in
                            get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir)).items()}, strict=True)

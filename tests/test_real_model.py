@@ -4,7 +4,7 @@
 """
 import pytest
 
-from train_helpers import ROOT, check, launch, losses
+from helpers import ROOT, check, launch, losses
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import ROOT, check, free_port, launch, losses, save_tiny_model, write_config
+from helpers import ROOT, check, free_port, launch, losses, save_tiny_model, write_config
 
 DAEMONS = ("munge", "slurmd", "slurmctld", "slurm-client")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import randomize_dsee, tiny_gpt2, tiny_llama
+from helpers import randomize_dsee, tiny_gpt2, tiny_llama
 from dsee_scale.adapters import DSEEConfig, DSEELayer, inject, merge_and_unload
 from dsee_scale.pruning import apply_plan, channel_scores, collect_activations, head_scores, make_plan, mask_hooks
 

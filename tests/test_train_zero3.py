@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from train_helpers import check, launch, losses, plain_reference_losses, save_tiny_model, write_config
+from helpers import check, launch, losses, plain_reference_losses, save_tiny_model, write_config
 from dsee_scale.training.trainer import supports_digest
 
 
@@ -63,7 +63,7 @@ def test_tensorboard_has_the_scalars_and_histograms(work):
 
 def test_offload_trains_memorisable_batch_and_resumes_exactly(work):
     root, models = work
-    from train_helpers import ROOT
+    from helpers import ROOT
 
     kw = dict(data={"max_train_blocks": 2, "max_eval_blocks": 2},
               dsee={"r": 8, "target_modules": ["*_proj"]},

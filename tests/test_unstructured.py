@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import randomize_dsee, tiny_gpt2, tiny_llama
+from helpers import randomize_dsee, tiny_gpt2, tiny_llama
 from dsee_scale.adapters import DSEEConfig, inject, merge
 from dsee_scale.adapters.layer import weight_out_in
 from dsee_scale.pruning import unstructured as U

@@ -1,7 +1,7 @@
 """The DSEE adapter: sparse + low-rank updates of frozen Linear / Conv1D weights."""
-from .config import DEFAULT_TARGETS, DSEEConfig
+from .config import DSEEConfig
 from .delta import SparseLowRankDelta, sparse_low_rank_update
-from .inject import (Target, adapter_state_dict, compute_supports, dsee_layers,
+from .inject import (Target, adapter_state_dict, choose_supports, compute_supports, dsee_layers,
                      expected_trainable_count, inject, load_adapter, merge, merge_and_unload,
                      resolve_targets,
                      save_adapter, supports_of, trainable_parameter_count, unmerge)
@@ -9,8 +9,8 @@ from .layer import DSEELayer
 from .support import METHODS as SUPPORT_METHODS, select_supports
 
 __all__ = [
-    "DEFAULT_TARGETS", "DSEEConfig", "DSEELayer", "SparseLowRankDelta", "SUPPORT_METHODS", "Target",
-    "adapter_state_dict", "compute_supports", "dsee_layers", "expected_trainable_count", "inject",
+    "DSEEConfig", "DSEELayer", "SparseLowRankDelta", "SUPPORT_METHODS", "Target",
+    "adapter_state_dict", "choose_supports", "compute_supports", "dsee_layers", "expected_trainable_count", "inject",
     "load_adapter", "merge", "merge_and_unload", "resolve_targets", "save_adapter", "select_supports", "sparse_low_rank_update",
     "supports_of", "trainable_parameter_count", "unmerge",
 ]

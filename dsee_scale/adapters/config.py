@@ -8,14 +8,6 @@ from ..errors import ConfigError
 
 SupportMethod = Literal["grebsmo", "svd", "magnitude", "random"]
 
-# Where "q and v of every attention layer" lives in each architecture (PEFT's default too).
-DEFAULT_TARGETS = {
-    "gpt2": ["c_attn:q", "c_attn:v"],
-    "llama": ["q_proj", "v_proj"],
-    "dsee_gpt2": ["c_attn:q", "c_attn:v"],  # pruned GPT-2 (pruning/pruned_models.py)
-    "dsee_llama": ["q_proj", "v_proj"],
-}
-
 
 @dataclass
 class DSEEConfig:
@@ -23,7 +15,7 @@ class DSEEConfig:
 
     target_modules: module-name patterns (fnmatch; "q_proj" matches any module whose name ends
     in ".q_proj"). A fused q/k/v projection (GPT-2 c_attn) is targeted per slice with ":q",
-    ":k" or ":v". Empty means the architecture's q and v (DEFAULT_TARGETS).
+    ":k" or ":v". Empty means the architecture's q and v (archs.py, default_targets).
     """
 
     r: int = 8

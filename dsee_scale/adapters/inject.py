@@ -5,14 +5,15 @@
     merge(model) / unmerge(model)             # fold (alpha/r)(BA + S) into W and back
     save_adapter(model, dir) / load_adapter(base_model, dir)
 
-`inject` takes precomputed `supports` so that a distributed caller (dsee_scale.zero) can choose
-them on gathered weights, spread over ranks, and give every rank the same ones.
+`inject` takes precomputed `supports`: under ZeRO-3, `choose_supports` picks them on gathered
+weights with the work spread over ranks, and gives every rank the same ones.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,11 +21,14 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .. import zero
+from ..archs import BY_MODEL_TYPE, FULL, arch_of
 from ..config import from_dict
 from ..errors import ConfigError, UserError
-from .config import DEFAULT_TARGETS, DSEEConfig
+from ..zero import comm
+from .config import DSEEConfig
 from .delta import SparseLowRankDelta
-from .layer import FULL, DSEELayer, layer_dims, slice_bounds, weight_out_in
+from .layer import BASE, MARKER, DSEELayer, is_dsee_name, layer_dims, slice_bounds, unwrap, weight_out_in
 from .support import select_supports
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -52,18 +56,21 @@ def _model_type(model: nn.Module) -> str:
 
 def resolve_targets(model: nn.Module, cfg: DSEEConfig) -> list[Target]:
     """The (module, slice) pairs that `cfg.target_modules` names, validated."""
-    patterns = cfg.target_modules or DEFAULT_TARGETS.get(_model_type(model))
+    patterns = cfg.target_modules
     if not patterns:
-        raise ConfigError(
-            f"dsee.target_modules: required for model type {_model_type(model)!r} "
-            f"(defaults exist for: {', '.join(DEFAULT_TARGETS)})")
+        try:
+            patterns = list(arch_of(model).default_targets)
+        except ValueError:
+            raise ConfigError(
+                f"dsee.target_modules: required for model type {_model_type(model)!r} "
+                f"(defaults exist for: {', '.join(BY_MODEL_TYPE)})") from None
     modules = dict(model.named_modules())
     found: dict[str, set[str]] = {}
     for pat in patterns:
         name_pat, _, slice_name = pat.partition(":")
         hits = [n for n, m in modules.items()
                 if n and (fnmatch.fnmatchcase(n, name_pat) or fnmatch.fnmatchcase(n, "*." + name_pat))
-                and not isinstance(m, DSEELayer) and ".dsee." not in n and not n.endswith(".base_layer")]
+                and not isinstance(m, DSEELayer) and not is_dsee_name(n) and not n.endswith("." + BASE)]
         if not hits:
             sample = ", ".join(n for n, m in modules.items() if isinstance(m, SUPPORTED_LAYERS))
             raise ConfigError(
@@ -90,8 +97,7 @@ def resolve_targets(model: nn.Module, cfg: DSEEConfig) -> list[Target]:
 
 def base_layer(model: nn.Module, t: Target) -> nn.Module:
     """The Linear / Conv1D of a target, injected or not."""
-    layer = model.get_submodule(t.module)
-    return layer.base_layer if isinstance(layer, DSEELayer) else layer
+    return unwrap(model.get_submodule(t.module))
 
 
 def target_weight(model: nn.Module, t: Target) -> torch.Tensor:
@@ -127,6 +133,28 @@ def compute_supports(weights: dict[str, torch.Tensor], targets: list[Target],
                            grebsmo_rank_fraction=cfg.grebsmo_rank_fraction, svd_rank=cfg.svd_rank)
 
 
+def choose_supports(model: nn.Module, targets: list[Target], cfg: DSEEConfig,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Omega of every target, the selection work spread over ranks; all ranks get all supports.
+
+    Under ZeRO-3 each rank is handed one gathered weight per wave (zero.full_tensors_one_per_rank),
+    selects its support while the others select theirs, and the wave's supports are exchanged.
+    On one process this is compute_supports on every weight, one at a time."""
+    items = [(t, base_layer(model, t).weight, lambda t=t: target_weight(model, t)) for t in targets]
+    supports: dict[str, torch.Tensor] = {}
+    for done, mine in zero.full_tensors_one_per_rank(items):
+        local = {}
+        if mine is not None:
+            t, w = mine
+            local = {k: v.cpu() for k, v in compute_supports({t.key: w}, [t], cfg).items()}
+            del w
+        for part in comm.all_gather_objects(local):
+            supports.update(part)
+        if progress is not None:
+            progress(done, len(targets))
+    return supports
+
+
 def build_delta(model: nn.Module, t: Target, cfg: DSEEConfig, index: torch.Tensor,
                 dtype: torch.dtype | None = None) -> SparseLowRankDelta:
     rows, cols = target_shape(model, t)
@@ -159,7 +187,7 @@ def inject(model: nn.Module, cfg: DSEEConfig,
     for name, ts in by_module.items():
         base = model.get_submodule(name)
         w = base.weight
-        deltas = {t.slice: build_delta(model, t, cfg, supports[t.key]).to(w.device, w.dtype)
+        deltas = {t.slice: build_delta(model, t, cfg, supports[t.key]).to(zero.placement(w), w.dtype)
                   for t in ts}
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, DSEELayer(base, deltas))
@@ -201,7 +229,7 @@ def supports_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A, B, S values and S indices of every DSEE update (nothing of the base model)."""
-    return {k: v for k, v in model.state_dict().items() if ".dsee." in k}
+    return {k: v for k, v in model.state_dict().items() if is_dsee_name(k)}
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
@@ -249,7 +277,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> list[Target]:
     supports = {}
     for k, v in state.items():
         if k.endswith(".sparse_index"):
-            module, _, s = k[: -len(".sparse_index")].rpartition(".dsee.")
+            module, _, s = k[: -len(".sparse_index")].rpartition(MARKER)
             supports[Target(module, s).key] = v
     cfg.target_modules = [_exact_pattern(k) for k in supports]
     targets = inject(model, cfg, supports)

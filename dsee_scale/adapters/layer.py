@@ -11,16 +11,35 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..archs import FULL
+from ..zero import full_shape
 from .delta import SparseLowRankDelta
 
-FULL = "full"
 FUSED_QKV = ("q", "k", "v")
+# Names: a DSEE layer's frozen projection is `<layer>.base_layer`, its updates
+# `<layer>.dsee.<slice>.{lora_A, lora_B, sparse_values, sparse_index}`.
+BASE = "base_layer"
+MARKER = ".dsee."
+
+
+def is_dsee_name(name: str) -> bool:
+    """A parameter / buffer / module name that belongs to a DSEE update."""
+    return MARKER in name
+
+
+def delta_name(layer: str, slice_name: str) -> str:
+    """The module name of one update, e.g. 'model.layers.0.self_attn.q_proj.dsee.full'."""
+    return f"{layer}{MARKER}{slice_name}"
+
+
+def unwrap(layer: nn.Module) -> nn.Module:
+    """The plain Linear / Conv1D of a layer, DSEE-wrapped or not."""
+    return layer.base_layer if isinstance(layer, DSEELayer) else layer
 
 
 def layer_dims(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or Conv1D; reads ds_shape under ZeRO-3."""
-    w = layer.weight
-    shape = tuple(getattr(w, "ds_shape", w.shape))
+    """(in_features, out_features) of a Linear or Conv1D (its full shape under ZeRO-3)."""
+    shape = full_shape(layer.weight)
     if isinstance(layer, Conv1D):
         return shape[0], shape[1]
     return shape[1], shape[0]

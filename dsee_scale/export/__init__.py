@@ -18,25 +18,49 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
 from ..adapters.config import DSEEConfig
 from ..adapters.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..adapters.layer import BASE, delta_name, is_dsee_name
+from ..archs import BY_MODEL_TYPE
+from ..checkpoint import ZeroCheckpoint
+from ..checkpoint.format import LayerLayout
 from ..config import from_dict
 from ..errors import UserError
-from ..models import ModelConfig
-from .zero_checkpoint import ZeroCheckpoint
+from ..models import ModelConfig, load_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+class ExportSummary(TypedDict, total=False):
+    """What an export wrote (also saved as dsee_export.json beside the model)."""
+
+    files: list[str]
+    bytes: int
+    frozen_dtype: str
+    trainable_dtype: str
+    written_dtype: str
+    update_rounded_to_written_dtype: bool
+    tokenizer: bool
+    block_weight_zero_fraction: float  # the real sparsity of what was written
+    tied_embeddings: bool
+    checkpoint: str
+    tag: str
+    mode: str
+    world_size: int
+
+
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", text.upper())
-    if not m:
-        raise UserError(f"--max-shard-size: {text!r} is not a size such as 500MB or 2GB")
-    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
+    """'500MB' / '2GB' (powers of 1000) or '512MiB' / '2GiB' (powers of 1024) in bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", text.upper())
+    if not m or (m.group(3) and not m.group(2)):
+        raise UserError(f"--max-shard-size: {text!r} is not a size such as 500MB, 2GB or 2GiB")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
 
 
 class ShardWriter:
@@ -82,37 +106,16 @@ class ShardWriter:
                 {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
 
 
-def hf_config(model_cfg: ModelConfig, overrides: dict | None = None):
-    """The transformers config of the checkpoint's model, pruned sizes applied."""
-    from transformers import AutoConfig
-
-    from ..models import build_config, resolve_preset
-
-    mc = resolve_preset(model_cfg)
-    if mc.config is not None:
-        cfg = build_config(mc)
-    elif mc.path is not None:
-        cfg = AutoConfig.from_pretrained(mc.path)
-    else:
-        g = Path(mc.gguf_file)
-        cfg = AutoConfig.from_pretrained(str(g.parent), gguf_file=g.name)
-    if getattr(cfg, "quantization_config", None) is not None:
-        del cfg.quantization_config
-    for k, v in (overrides or {}).items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: dict, tied: bool):
+def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: LayerLayout, tied: bool):
     """(name, tensor, source dtype) of the merged model in the checkpoint's order, one at a time."""
     for name in ck.names():
-        if ".dsee." in name:
+        if is_dsee_name(name):
             continue  # folded into its layer's weight below
         if tied and name == "lm_head.weight":
             continue
         module, _, leaf = name.rpartition(".")
-        if module.endswith(".base_layer"):
-            layer = module[: -len(".base_layer")]
+        if module.endswith("." + BASE):
+            layer = module[: -len(BASE) - 1]
             out_name = f"{layer}.{leaf}"
             t = ck.tensor(name)
             if leaf == "weight" and layer in layers:
@@ -121,7 +124,7 @@ def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: dict, tied: boo
                 w_oi = w.t() if info["kind"] == "conv1d" else w  # out x in view
                 with torch.no_grad():
                     for s, (lo, hi) in info["slices"].items():
-                        w_oi[lo:hi] += ck.dsee_delta(f"{layer}.dsee.{s}", dsee).delta_weight()
+                        w_oi[lo:hi] += ck.dsee_delta(delta_name(layer, s), dsee).delta_weight()
                 yield out_name, w, ck.dtype_of(name)
             else:
                 yield out_name, t, ck.dtype_of(name)
@@ -149,7 +152,7 @@ def _commit(tmp: Path, out: Path) -> None:
 
 def export_checkpoint(ckpt_dir: str, out_dir: str, tag: str | None = None, mode: str = "merged",
                       dtype: str = "auto", max_shard_size: str = "2GB", force: bool = False,
-                      progress=None) -> dict:
+                      progress=None) -> ExportSummary:
     """Export; returns a summary (files, bytes, dtypes)."""
     if mode not in ("merged", "adapter"):
         raise UserError(f"--mode: got {mode!r}, allowed: merged, adapter")
@@ -174,13 +177,13 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, tag: str | None = None, mode:
     return summary
 
 
-def _write_adapter(ck, exp, dsee: DSEEConfig, tmp: Path, dtype: str) -> dict:
+def _write_adapter(ck: ZeroCheckpoint, exp: dict, dsee: DSEEConfig, tmp: Path, dtype: str) -> ExportSummary:
     from safetensors.torch import save_file
 
     want = None if dtype == "auto" else DTYPES[dtype]
     state = {}
     for name in ck.names():
-        if ".dsee." in name:
+        if is_dsee_name(name):
             t = ck.tensor(name)
             if want is not None and t.is_floating_point():
                 t = t.to(want)
@@ -198,26 +201,26 @@ def _write_adapter(ck, exp, dsee: DSEEConfig, tmp: Path, dtype: str) -> dict:
             "trainable_dtype": "fp32", "written_dtype": dtype if want is not None else "fp32"}
 
 
-def _write_merged(ck, exp, dsee: DSEEConfig, tmp: Path, dtype: str, max_bytes: int, progress) -> dict:
+def _write_merged(ck: ZeroCheckpoint, exp: dict, dsee: DSEEConfig, tmp: Path, dtype: str,
+                  max_bytes: int, progress) -> ExportSummary:
     from transformers import GenerationConfig
 
     from ..models import load_tokenizer
 
     mc = from_dict(ModelConfig, exp.get("model"), "model")
-    cfg = hf_config(mc, ck.meta.get("config_overrides"))
-    layers = ck.meta.get("dsee_layers")
-    if layers is None:
-        raise UserError(f"{str(ck.dir)!r}: dsee_meta.json has no layer layout (not written by dsee-scale)")
+    cfg = load_config(mc)
+    layers = ck.meta["dsee_layers"]
+    arch = BY_MODEL_TYPE.get(cfg.model_type)  # None: count every matrix as a block's
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     frozen_dtypes = {ck.dtype_of(n) for n in ck.frozen_shapes}
     frozen_dtype = frozen_dtypes.pop() if len(frozen_dtypes) == 1 else torch.float32
     out_dtype = frozen_dtype if dtype == "auto" else DTYPES[dtype]
     writer = ShardWriter(tmp, max_bytes, {"format": "pt"}, on_flush=ck.release)
-    total = sum(1 for n in ck.names() if ".dsee." not in n and not (tied and n == "lm_head.weight"))
+    total = sum(1 for n in ck.names() if not is_dsee_name(n) and not (tied and n == "lm_head.weight"))
     zeros = block_numel = 0
     for i, (name, t, _) in enumerate(merged_tensors(ck, dsee, layers, tied)):
         t = t.to(out_dtype) if t.is_floating_point() else t
-        if t.dim() == 2 and (".h." in name or ".layers." in name):  # the blocks' matrices
+        if t.dim() == 2 and (arch is None or arch.block_index(name) is not None):  # blocks' matrices
             zeros += int((t == 0).sum())
             block_numel += t.numel()
         writer.add(name, t)

@@ -86,6 +86,11 @@ class DSEELlamaForCausalLM(LlamaForCausalLM):
     config_class = DSEELlamaConfig
 
 
+# arch name -> (config class, model class name) of the pruned shapes transformers refuses
+CUSTOM_CLASSES = {"gpt2": (DSEEGPT2Config, "DSEEGPT2LMHeadModel"),
+                  "llama": (DSEELlamaConfig, "DSEELlamaForCausalLM")}
+
+
 def register() -> None:
     for name, cfg, model in (("dsee_gpt2", DSEEGPT2Config, DSEEGPT2LMHeadModel),
                              ("dsee_llama", DSEELlamaConfig, DSEELlamaForCausalLM)):

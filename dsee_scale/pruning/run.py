@@ -1,4 +1,5 @@
-"""The pruning run behind `deepspeed launchers/prune.py`: score, prune, rebuild, re-tune.
+"""The pruning stage behind `dsee-scale prune` / `deepspeed launchers/prune.py`: score, prune,
+rebuild, re-tune.
 
 1. The tuned ZeRO-3 checkpoint is read one decoder block at a time (memory-mapped, no
    DeepSpeed): each block is rebuilt on CPU with its DSEE updates and scored. Scores that need
@@ -12,7 +13,8 @@
    model, pruned or not.
 3. Re-tuning is an ordinary training run (training/trainer.py) of A, B and S with the pruned W
    frozen; its checkpoints carry the pruned architecture in experiment.yaml, so
-   `launchers/train.py --resume` and `launchers/export.py` work on them as on any run.
+   `dsee-scale train --resume`, `dsee-scale prune --resume` and `dsee-scale export` work on them
+   as on any run.
 """
 from __future__ import annotations
 
@@ -20,19 +22,48 @@ import copy
 import hashlib
 import json
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..adapters import DSEEConfig, DSEELayer, inject, supports_of
+from ..adapters.layer import delta_name
+from ..archs import arch_of
+from ..checkpoint import ZeroCheckpoint
+from ..checkpoint import format as fmt
 from ..config import from_dict
-from ..errors import ConfigError
-from ..experiment import PruneConfig
-from ..export import hf_config
-from ..export.zero_checkpoint import ZeroCheckpoint
-from ..models import ModelConfig, load_tokenizer, resolve_preset
+from ..errors import ConfigError, UserError
+from ..experiment import ExperimentConfig, PruneConfig, load_experiment
+from ..models import ModelConfig, load_config, load_tokenizer, resolve_preset
+from ..zero import comm
 from . import unstructured as U
 from .scores import block_channel_scores, block_head_scores, make_plan
-from .structured import Plan, arch, blocks, dims, num_layers, plan_sizes, prune_block, pruned_config
+from .structured import Plan, plan_sizes, prune_block, pruned_config
+
+
+def prune_and_retune(exp: ExperimentConfig, from_dir: str | None, resume: bool = False) -> dict:
+    """The whole stage on every rank: decide and build the pruned model, then re-tune it (or
+    continue a re-tuning run with resume). Returns the re-tuning run's summary."""
+    from ..training.trainer import run, start_process_group
+
+    if resume:  # the pruned model and its DSEE settings come from the run's own checkpoint
+        from ..training.checkpoint import resume_point
+
+        root, tag, _ = resume_point(exp)
+        saved = load_experiment(str(root / tag / fmt.EXPERIMENT))
+        return run(replace(exp, model=saved.model, dsee=saved.dsee), resume=True)
+    if not from_dir:
+        raise UserError("--from: give the tuning run's checkpoints directory (or --resume)")
+    rank, _ = start_process_group(exp)
+    pruned, build, summary = prepare(exp, from_dir, rank)
+    if rank == 0:
+        out = Path(pruned.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "prune_plan.json").write_text(json.dumps(summary, indent=1))
+        print(f"prune: {summary['kind']} from {summary['from']}, new sizes {summary['config']}, "
+              f"decision {summary['decision_digest']} (plan in {out / 'prune_plan.json'})", flush=True)
+    return run(pruned, build=build)
 
 
 class CheckpointModel:
@@ -45,24 +76,23 @@ class CheckpointModel:
         self.tuned = self.ck.experiment()
         self.model_cfg = from_dict(ModelConfig, self.tuned["model"], "model")
         self.dsee = from_dict(DSEEConfig, self.tuned["dsee"], "dsee")
-        self.config = hf_config(self.model_cfg)
+        self.config = load_config(self.model_cfg)
+        self.arch = arch_of(self.config)
+        self.dims = self.arch.dims(self.config)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config)
-        self.prefix = "transformer.h." if arch(self.config) == "gpt2" else "model.layers."
-        self.layout = self.ck.meta.get("dsee_layers") or {}
+        self.layout = self.ck.meta["dsee_layers"]
 
     def block(self, i: int) -> torch.nn.Module:
         """Block i on CPU (float32), with its trained DSEE updates, weights from the checkpoint."""
-        b = copy.deepcopy(blocks(self.skeleton)[i]).to_empty(device="cpu").float()
-        pre = f"{self.prefix}{i}."
+        b = copy.deepcopy(self.arch.block_list(self.skeleton)[i]).to_empty(device="cpu").float()
+        pre = self.arch.block_prefix(i)
         for name, info in self.layout.items():
             if not name.startswith(pre):
                 continue
             rel = name[len(pre):]
-            base = b.get_submodule(rel)
-            deltas = {s: self.ck.dsee_delta(f"{name}.dsee.{s}", self.dsee) for s in info["slices"]}
-            parent, _, child = rel.rpartition(".")
-            setattr(b.get_submodule(parent) if parent else b, child, DSEELayer(base, deltas))
+            deltas = {s: self.ck.dsee_delta(delta_name(name, s), self.dsee) for s in info["slices"]}
+            b.set_submodule(rel, DSEELayer(b.get_submodule(rel), deltas))
         state = {}
         for k in b.state_dict():
             t = self.ck.tensor(pre + k)
@@ -80,17 +110,17 @@ def layerwise_statistics(cm: CheckpointModel, batches: list[torch.Tensor]) -> di
     """Per block and projection: sum of x^2 and of |x| over the calibration tokens of its input
     (Wanda norms, activation scores). The batches go through the tuned model one block at a
     time, each block rebuilt from the checkpoint, so no rank ever holds the whole model."""
-    cfg, ck = cm.config, cm.ck
-    if arch(cfg) == "gpt2":
-        wte, wpe = ck.tensor("transformer.wte.weight").float(), ck.tensor("transformer.wpe.weight").float()
-        hidden = [wte[ids] + wpe[torch.arange(ids.shape[1])] for ids in batches]
-        rotary = None
-    else:
-        emb = ck.tensor("model.embed_tokens.weight").float()
-        hidden = [emb[ids] for ids in batches]
-        rotary = type(cm.skeleton.model.rotary_emb)(config=cfg)
-    stats = {"tokens": sum(ids.numel() for ids in batches), "blocks": {}}
-    for i in range(num_layers(cfg)):
+    arch, ck = cm.arch, cm.ck
+    token = ck.tensor(arch.embeddings[0]).float()
+    hidden = [token[ids] for ids in batches]
+    if len(arch.embeddings) > 1:  # learned position embeddings (GPT-2)
+        position = ck.tensor(arch.embeddings[1]).float()
+        hidden = [h + position[torch.arange(h.shape[1])] for h in hidden]
+    rotary = None
+    if arch.rotary_emb is not None:
+        rotary = type(cm.skeleton.get_submodule(arch.rotary_emb))(config=cm.config)
+    stats: dict[str, Any] = {"tokens": sum(ids.numel() for ids in batches), "blocks": {}}
+    for i in range(cm.dims.layers):
         b = cm.block(i).eval()
         sq: dict = {}
         ab: dict = {}
@@ -137,18 +167,15 @@ def _activation(stats: dict, i: int, name: str) -> torch.Tensor:
 
 
 def structured_plan(cm: CheckpointModel, pc: PruneConfig, stats: dict | None = None) -> Plan:
-    n = num_layers(cm.config)
-    H, KV, hd, _ = dims(cm.config)
-    gpt2 = arch(cm.config) == "gpt2"
-    o_name, down_name = ("attn.c_proj", "mlp.c_proj") if gpt2 else ("self_attn.o_proj", "mlp.down_proj")
+    arch, dims = cm.arch, cm.dims
     hs, cs = [], []
-    for i in range(n):
+    for i in range(dims.layers):
         b = cm.block(i)
         if pc.heads_per_layer:
-            hs.append(_activation(stats, i, o_name).view(H, hd).sum(1) if pc.head_score == "activation"
-                      else block_head_scores(b, cm.config, pc.head_score))
+            hs.append(_activation(stats, i, arch.o).view(dims.heads, dims.head_dim).sum(1)
+                      if pc.head_score == "activation" else block_head_scores(b, cm.config, pc.head_score))
         if pc.channels_per_layer:
-            cs.append(_activation(stats, i, down_name) if pc.channel_score == "activation"
+            cs.append(_activation(stats, i, arch.mlp_out) if pc.channel_score == "activation"
                       else block_channel_scores(b, cm.config))
     return make_plan(cm.config, torch.stack(hs) if hs else None, pc.heads_per_layer,
                      torch.stack(cs) if cs else None, pc.channels_per_layer, pc.gqa)
@@ -158,7 +185,7 @@ def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: dict | None 
                        ) -> dict[int, dict[str, torch.Tensor]]:
     """Keep-masks per block (names relative to the block)."""
     per_block = {}
-    for i in range(num_layers(cm.config)):
+    for i in range(cm.dims.layers):
         b = cm.block(i)
         layers = U.prunable(b, pc.targets or ["*"])
         norms = None if stats is None else {k: v.sqrt() for k, v in stats["blocks"][i]["sq"].items()}
@@ -177,18 +204,15 @@ def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: dict | None 
 def pruned_block(cm: CheckpointModel, i: int, pc: PruneConfig, plan: Plan | None, keep) -> torch.nn.Module:
     b = cm.block(i)
     if plan is not None:
-        H, _, hd, _ = dims(cm.config)
-        prune_block(b, arch(cm.config), plan.layers[i], H, hd)
+        prune_block(b, cm.arch, plan.layers[i], cm.dims)
     if keep is not None:
         U.apply_masks(U.prunable(b, pc.targets or ["*"]), keep[i])
     return b
 
 
-def prepare(exp, from_dir: str, rank: int):
+def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
     """Score and decide; returns (the pruned experiment to re-tune, a builder for trainer.run,
     a summary)."""
-    from ..zero import all_gather_objects
-
     pc = exp.prune
     if pc is None:
         raise ConfigError("prune: the experiment has no prune section")
@@ -196,7 +220,7 @@ def prepare(exp, from_dir: str, rank: int):
     stats = calibration(exp, cm, pc)
     plan = keep = None
     if pc.kind == "structured":
-        H, KV, hd, inter = dims(cm.config)
+        H, KV, hd, inter, _, _ = cm.dims
         if pc.channels_per_layer >= inter:
             raise ConfigError(f"prune.channels_per_layer: {pc.channels_per_layer} of {inter} "
                               f"channels; allowed: 0..{inter - 1}")
@@ -215,7 +239,7 @@ def prepare(exp, from_dir: str, rank: int):
         pruned_n = sum(int((~m).sum()) for d_ in keep.values() for m in d_.values())
         total_n = sum(m.numel() for d_ in keep.values() for m in d_.values())
     d = digest(decision)
-    if len(set(all_gather_objects(d))) != 1:
+    if len(set(comm.all_gather_objects(d))) != 1:
         raise RuntimeError("ranks took different pruning decisions")
 
     src = resolve_preset(cm.model_cfg)
@@ -234,9 +258,9 @@ def prepare(exp, from_dir: str, rank: int):
 
     summary = {"from": str(cm.ck.dir), "kind": pc.kind, "decision_digest": d, "decision": decision,
                "weight_sparsity": pruned_n / total_n if keep is not None else None,
-               "config": {k: cfg_dict.get(k) for k in ("num_attention_heads", "num_key_value_heads",
-                                                       "intermediate_size", "n_head", "n_inner",
-                                                       "head_dim") if k in cfg_dict}}
+               "config": {k: cfg_dict[k] for k in (cm.arch.heads_key, cm.arch.kv_heads_key,
+                                                   cm.arch.intermediate_key, "head_dim")
+                          if k and k in cfg_dict}}
     return pruned_exp, build, summary
 
 
@@ -246,22 +270,18 @@ def build_pruned(cm: CheckpointModel, pc: PruneConfig, plan, keep, exp, ds, rank
     from ..zero import copy_full_into
 
     model = build_model(exp, ds)  # random init from the pruned config, partitioned
-    supports, states = {}, {}
-    prefix = cm.prefix
-    for i in range(num_layers(cm.config)):  # supports first: inject needs all of them
+    supports: dict[str, torch.Tensor] = {}
+    for i in range(cm.dims.layers):  # supports first: inject needs all of them
         b = pruned_block(cm, i, pc, plan, keep)
-        supports.update({f"{prefix}{i}.{k}": v for k, v in supports_of(b).items()})
+        supports.update({cm.arch.block_prefix(i) + k: v for k, v in supports_of(b).items()})
         del b
     inject(model, exp.dsee, supports)
-    block_names = {n for n, _ in model.named_parameters() if n.startswith(prefix)}
-    for i in range(num_layers(cm.config)):
+    for i in range(cm.dims.layers):
         b = pruned_block(cm, i, pc, plan, keep)
-        states = b.state_dict()
-        for rel, t in states.items():
-            name = f"{prefix}{i}.{rel}"
-            copy_full_into(model, name, t, rank)
-        del b, states
+        for rel, t in b.state_dict().items():
+            copy_full_into(model, cm.arch.block_prefix(i) + rel, t, rank)
+        del b
     for name, p in model.named_parameters():  # embeddings, final norm, (untied) lm_head
-        if name not in block_names:
+        if cm.arch.block_index(name) is None:
             copy_full_into(model, name, cm.ck.tensor(name), rank)
     return model, supports

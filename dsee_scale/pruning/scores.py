@@ -4,16 +4,18 @@ Head scores (one per q head and layer), as DSEE_METHOD.md section 2:
   dsee:       sum over the head's rows of |B_q A_q + S_q| + |B_v A_v + S_v| (the learned update;
               a q head reads the v rows of its kv group)
   weight:     the same sums over |W_q| and |W_v|
-  activation: mean |output| of the head (the input of o_proj / c_proj) on calibration batches
+  activation: mean |output| of the head (the input of the attention output projection) on
+              calibration batches
 MLP channel scores: weight (|W_up| row + |W_gate| row + |W_down| column, L1) or activation
-(mean |input of down_proj|).
+(mean |input of the MLP output projection|). Projection names come from archs.py.
 """
 from __future__ import annotations
 
 import torch
 
-from ..adapters.layer import DSEELayer, slice_bounds, weight_out_in
-from .structured import LayerPlan, Plan, arch, blocks, dims, num_layers
+from ..adapters.layer import DSEELayer, slice_bounds, unwrap, weight_out_in
+from ..archs import arch_of, split_projection
+from .structured import LayerPlan, Plan
 
 HEAD_SCORES = ("dsee", "weight", "dsee+weight", "activation")
 CHANNEL_SCORES = ("weight", "activation")
@@ -21,7 +23,7 @@ CHANNEL_SCORES = ("weight", "activation")
 
 def _rows_of(layer, slice_name: str, use: str) -> torch.Tensor:
     """|update| or |W| of a projection's output rows (out x in), for one slice."""
-    base = layer.base_layer if isinstance(layer, DSEELayer) else layer
+    base = unwrap(layer)
     lo, hi = slice_bounds(base, slice_name)
     total = 0
     if "weight" in use:
@@ -33,58 +35,56 @@ def _rows_of(layer, slice_name: str, use: str) -> torch.Tensor:
     return total
 
 
-def _qv(block, kind):
-    if kind == "gpt2":
-        c = block.attn.c_attn
-        return (c, "q"), (c, "v")
-    full = "full"
-    return (block.self_attn.q_proj, full), (block.self_attn.v_proj, full)
+def _projection(block, spec: str):
+    """(module, slice) of a projection "module[:slice]" of a block."""
+    module, part = split_projection(spec)
+    return block.get_submodule(module), part
 
 
 def block_head_scores(block, config, method: str) -> torch.Tensor:
     """(q heads,) importance in one decoder block (its weights must be whole: gathered)."""
-    H, KV, hd, _ = dims(config)
-    (q, qs), (v, vs) = _qv(block, arch(config))
-    q_rows = _rows_of(q, qs, method).sum(1).view(H, hd).sum(1)
-    v_rows = _rows_of(v, vs, method).sum(1).view(KV, hd).sum(1)
-    return q_rows + v_rows.repeat_interleave(H // KV)
+    arch = arch_of(config)
+    dims = arch.dims(config)
+    q_rows = _rows_of(*_projection(block, arch.q), method).sum(1).view(dims.heads, dims.head_dim).sum(1)
+    v_rows = _rows_of(*_projection(block, arch.v), method).sum(1).view(dims.kv_heads, dims.head_dim).sum(1)
+    return q_rows + v_rows.repeat_interleave(dims.heads // dims.kv_heads)
 
 
 def block_channel_scores(block, config) -> torch.Tensor:
     """(intermediate channels,) weight importance in one decoder block."""
-    if arch(config) == "gpt2":
-        ups, down = [block.mlp.c_fc], block.mlp.c_proj
-    else:
-        ups, down = [block.mlp.up_proj, block.mlp.gate_proj], block.mlp.down_proj
-    s = sum(_rows_of(u, "full", "weight").sum(1) for u in ups)
-    base = down.base_layer if isinstance(down, DSEELayer) else down
-    return s + weight_out_in(base).detach().float().abs().sum(0)
+    arch = arch_of(config)
+    s = sum(_rows_of(block.get_submodule(m), "full", "weight").sum(1) for m in arch.mlp_in)
+    down = unwrap(block.get_submodule(arch.mlp_out))
+    return s + weight_out_in(down).detach().float().abs().sum(0)
 
 
 def head_scores(model, method: str = "dsee", activations: dict | None = None) -> torch.Tensor:
     """(layers, q heads) importance."""
     if method not in HEAD_SCORES:
         raise ValueError(f"head score {method!r}; allowed: {', '.join(HEAD_SCORES)}")
-    H, KV, hd, _ = dims(model)
+    arch = arch_of(model)
+    dims = arch.dims(model.config)
     if method == "activation":
-        return torch.stack([activations["heads"][i].view(H, hd).sum(1)
-                            for i in range(num_layers(model))])
-    return torch.stack([block_head_scores(b, model.config, method) for b in blocks(model)])
+        return torch.stack([activations["heads"][i].view(dims.heads, dims.head_dim).sum(1)
+                            for i in range(dims.layers)])
+    return torch.stack([block_head_scores(b, model.config, method) for b in arch.block_list(model)])
 
 
 def channel_scores(model, method: str = "weight", activations: dict | None = None) -> torch.Tensor:
     """(layers, intermediate channels) importance."""
     if method not in CHANNEL_SCORES:
         raise ValueError(f"channel score {method!r}; allowed: {', '.join(CHANNEL_SCORES)}")
+    arch = arch_of(model)
     if method == "activation":
-        return torch.stack([activations["channels"][i] for i in range(num_layers(model))])
-    return torch.stack([block_channel_scores(b, model.config) for b in blocks(model)])
+        return torch.stack([activations["channels"][i] for i in range(arch.dims(model.config).layers)])
+    return torch.stack([block_channel_scores(b, model.config) for b in arch.block_list(model)])
 
 
 @torch.no_grad()
 def collect_activations(model, batches) -> dict:
-    """Mean |input| of every o_proj / c_proj (per head row) and down_proj (per channel)."""
-    kind = arch(model)
+    """Mean |input| of every attention output projection (per head row) and MLP output
+    projection (per channel)."""
+    arch = arch_of(model)
     sums: dict = {"heads": {}, "channels": {}}
     count = 0
     handles = []
@@ -95,11 +95,9 @@ def collect_activations(model, batches) -> dict:
             store[i] = store.get(i, 0) + x.reshape(-1, x.shape[-1]).sum(0)
         return f
 
-    for i, block in enumerate(blocks(model)):
-        o = block.attn.c_proj if kind == "gpt2" else block.self_attn.o_proj
-        d = block.mlp.c_proj if kind == "gpt2" else block.mlp.down_proj
-        handles += [o.register_forward_pre_hook(hook(sums["heads"], i)),
-                    d.register_forward_pre_hook(hook(sums["channels"], i))]
+    for i, block in enumerate(arch.block_list(model)):
+        handles += [block.get_submodule(arch.o).register_forward_pre_hook(hook(sums["heads"], i)),
+                    block.get_submodule(arch.mlp_out).register_forward_pre_hook(hook(sums["channels"], i))]
     try:
         for ids in batches:
             model(input_ids=ids)
@@ -119,10 +117,10 @@ def make_plan(model, head_scores_: torch.Tensor | None, prune_heads: int,
     heads removed in EVERY kv group (so the q / kv ratio stays integral); with gqa="kv_groups"
     it is the number of whole kv groups removed (with their q heads). Ties go to the lower index.
     """
-    H, KV, hd, inter = dims(model)
+    H, KV, _, inter, layers, _ = arch_of(model).dims(getattr(model, "config", model))
     n_rep = H // KV
     plan = Plan()
-    for i in range(num_layers(model)):
+    for i in range(layers):
         hs = head_scores_[i] if head_scores_ is not None else torch.zeros(H)
         if n_rep == 1:
             if prune_heads >= H:

@@ -1,21 +1,27 @@
 """Structured pruning: whole attention heads and MLP channels, a uniform count per layer.
 
 A plan says, per layer, which q heads, which kv heads and which MLP channels are KEPT. It is
-made from scores (scores.py) and applied by surgery (surgery.py), then the config is updated:
+made from scores (scores.py) and applied by surgery (surgery.py), then the config is updated.
+Where each projection lives comes from the architecture table (archs.py):
 
-- LLaMA (q/k/v/o_proj, GQA): q heads are pruned evenly inside every kv group, so
-  num_attention_heads stays a multiple of num_key_value_heads (or whole kv groups go, with
-  their q heads). head_dim is written into the config explicitly. No custom class is needed.
-- GPT-2 (fused c_attn, Conv1D): the q, k and v columns of a head go together with c_proj's rows;
-  the result is a `dsee_gpt2` model (pruned_models.py) since GPT-2 derives head_dim from n_embd.
-- MLP channels: rows of gate/up (c_fc) and columns of down (c_proj); intermediate_size / n_inner.
+- q heads: rows of q (and of its DSEE B and S), columns of o; kv heads: rows of k and v. With
+  GQA, q heads are pruned evenly inside every kv group (so the q / kv ratio stays integral), or
+  whole kv groups go with their q heads. A fused q|k|v projection (GPT-2's c_attn) loses the
+  rows of all three slices at once.
+- MLP channels: rows of the MLP input projections (gate/up, c_fc), columns of the output one.
+- The pruned config is the standard class where transformers can express the new shape (LLaMA
+  carries head_dim; GPT-2 only when head_dim still equals n_embd / n_head), else our registered
+  dsee_gpt2 / dsee_llama type (pruned_models.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..adapters.layer import slice_bounds, unwrap
+from ..archs import Arch, Dims, arch_of, split_projection
 from .surgery import keep_inputs, keep_outputs
 
 
@@ -34,55 +40,21 @@ class Plan:
         return {"layers": [vars(lp) for lp in self.layers]}
 
 
-def _cfg(model_or_config):
-    return getattr(model_or_config, "config", model_or_config)
-
-
-def arch(model_or_config) -> str:
-    c = _cfg(model_or_config)
-    if c.model_type in ("gpt2", "dsee_gpt2"):
-        return "gpt2"
-    if hasattr(c, "num_key_value_heads") and hasattr(c, "intermediate_size"):
-        return "llama"
-    raise ValueError(f"structured pruning supports GPT-2 and LLaMA-style models, not {c.model_type!r}")
-
-
-def dims(model_or_config) -> tuple[int, int, int, int]:
-    """(num q heads, num kv heads, head_dim, intermediate size) of a model or config."""
-    c = _cfg(model_or_config)
-    if arch(c) == "gpt2":
-        hd = getattr(c, "head_dim", None) or c.n_embd // c.n_head
-        return c.n_head, c.n_head, hd, c.n_inner or 4 * c.n_embd
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_attention_heads, c.num_key_value_heads, hd, c.intermediate_size
-
-
-def num_layers(model_or_config) -> int:
-    c = _cfg(model_or_config)
-    return c.n_layer if arch(c) == "gpt2" else c.num_hidden_layers
-
-
 def _rows(heads: list[int], head_dim: int, offset: int = 0) -> list[int]:
     return [offset + h * head_dim + i for h in heads for i in range(head_dim)]
 
 
-def blocks(model):
-    return model.transformer.h if arch(model) == "gpt2" else model.model.layers
-
-
 def apply_plan(model, plan: Plan) -> None:
     """Remove the heads / channels the plan does not keep; update the config. In place."""
-    kind = arch(model)
-    H, KV, hd, inter = dims(model)
-    nq, nkv, nch = plan_sizes(plan, inter)
-    for block, lp in zip(blocks(model), plan.layers):
-        prune_block(block, kind, lp, H, hd)
-    new = pruned_config(model.config, nq, nkv, hd, nch)
-    model.config = new
-    (model.transformer if kind == "gpt2" else model.model).config = new
-    if kind == "gpt2":
-        for block in blocks(model):
-            block.attn.config = new
+    arch = arch_of(model)
+    dims = arch.dims(model.config)
+    nq, nkv, nch = plan_sizes(plan, dims.intermediate)
+    for block, lp in zip(arch.block_list(model), plan.layers):
+        prune_block(block, arch, lp, dims)
+    old, new = model.config, pruned_config(model.config, nq, nkv, dims.head_dim, nch)
+    for m in model.modules():  # the model, its base model and GPT-2's attention keep a config
+        if getattr(m, "config", None) is old:
+            m.config = new
 
 
 def plan_sizes(plan: Plan, inter: int) -> tuple[int, int, int]:
@@ -97,60 +69,61 @@ def plan_sizes(plan: Plan, inter: int) -> tuple[int, int, int]:
     return nq, nkv, nch
 
 
-def prune_block(block, kind: str, lp: LayerPlan, H: int, hd: int) -> None:
+def prune_block(block: torch.nn.Module, arch: Arch, lp: LayerPlan, dims: Dims) -> None:
     """Surgery on one decoder block (plain or DSEE-injected), in place."""
-    nq, nkv = len(lp.q_heads), len(lp.kv_heads)
-    if kind == "gpt2":
-        attn, mlp = block.attn, block.mlp
-        width = H * hd
-        rows = [r for part in range(3) for r in _rows(lp.q_heads, hd, part * width)]
-        attn.c_attn = keep_outputs(attn.c_attn, rows)
-        attn.c_proj = keep_inputs(attn.c_proj, _rows(lp.q_heads, hd))
-        attn.num_heads, attn.split_size = nq, nq * hd
-        if lp.channels is not None:
-            mlp.c_fc = keep_outputs(mlp.c_fc, lp.channels)
-            mlp.c_proj = keep_inputs(mlp.c_proj, lp.channels)
-        return
-    attn, mlp = block.self_attn, block.mlp
-    attn.q_proj = keep_outputs(attn.q_proj, _rows(lp.q_heads, hd))
-    attn.k_proj = keep_outputs(attn.k_proj, _rows(lp.kv_heads, hd))
-    attn.v_proj = keep_outputs(attn.v_proj, _rows(lp.kv_heads, hd))
-    attn.o_proj = keep_inputs(attn.o_proj, _rows(lp.q_heads, hd))
-    attn.num_key_value_groups = nq // nkv
-    if hasattr(attn, "num_heads"):
-        attn.num_heads = nq
+    hd, nq, nkv = dims.head_dim, len(lp.q_heads), len(lp.kv_heads)
+    rows: dict[str, list[int]] = {}  # kept output rows per projection module
+    for spec, heads in ((arch.q, lp.q_heads), (arch.k, lp.kv_heads), (arch.v, lp.kv_heads)):
+        module, part = split_projection(spec)
+        lo, _ = slice_bounds(unwrap(block.get_submodule(module)), part)
+        rows.setdefault(module, []).extend(_rows(heads, hd, lo))
+    for module, kept in rows.items():
+        block.set_submodule(module, keep_outputs(block.get_submodule(module), kept))
+    block.set_submodule(arch.o, keep_inputs(block.get_submodule(arch.o), _rows(lp.q_heads, hd)))
+    attn = block.get_submodule(arch.attention)
+    for attr, value in (("num_heads", nq), ("split_size", nq * hd),
+                        ("num_key_value_groups", nq // nkv)):
+        if hasattr(attn, attr):  # what each attention class reads in its forward
+            setattr(attn, attr, value)
     if lp.channels is not None:
-        for name in ("gate_proj", "up_proj"):
-            setattr(mlp, name, keep_outputs(getattr(mlp, name), lp.channels))
-        mlp.down_proj = keep_inputs(mlp.down_proj, lp.channels)
+        for module in arch.mlp_in:
+            block.set_submodule(module, keep_outputs(block.get_submodule(module), lp.channels))
+        block.set_submodule(arch.mlp_out, keep_inputs(block.get_submodule(arch.mlp_out), lp.channels))
 
 
-def pruned_config(c, nq: int, nkv: int, hd: int, nch: int):
-    """A new config with the pruned sizes: standard where transformers allows it, else the
-    registered dsee_gpt2 / dsee_llama type (pruned_models.py)."""
-    from .pruned_models import DSEEGPT2Config, DSEELlamaConfig
+def pruned_config(c: Any, nq: int, nkv: int, hd: int, nch: int) -> Any:
+    """A new config with the pruned sizes: the standard class where it can express the shape,
+    else the registered dsee_gpt2 / dsee_llama type (pruned_models.py)."""
+    from transformers import CONFIG_MAPPING
 
+    from .pruned_models import CUSTOM_CLASSES
+
+    arch = arch_of(c)
+    hidden = getattr(c, arch.hidden_key)
     d = c.to_dict()
-    for k in ("model_type", "transformers_version", "architectures"):
+    for k in ("model_type", "transformers_version", "architectures", "head_dim"):
         d.pop(k, None)
-    if arch(c) == "gpt2":
-        d.update(n_head=nq, head_dim=hd, n_inner=nch)
-        new, archs = DSEEGPT2Config(**d), ["DSEEGPT2LMHeadModel"]
+    d.update({arch.heads_key: nq, arch.intermediate_key: nch})
+    if arch.kv_heads_key:
+        d[arch.kv_heads_key] = nkv
+    standard = hidden % nq == 0 and (arch.config_has_head_dim or hidden // nq == hd)
+    if standard:
+        if arch.config_has_head_dim:
+            d["head_dim"] = hd
+        new, lm_class = CONFIG_MAPPING[arch.name](**d), arch.lm_class
     else:
-        d.update(num_attention_heads=nq, num_key_value_heads=nkv, head_dim=hd, intermediate_size=nch)
-        if c.hidden_size % nq == 0:  # still a standard LLaMA-family config
-            new, archs = type(c)(**d), list(c.architectures or [])
-        else:
-            new, archs = DSEELlamaConfig(**d), ["DSEELlamaForCausalLM"]
+        config_class, lm_class = CUSTOM_CLASSES[arch.name]
+        new = config_class(head_dim=hd, **d)
     new._attn_implementation = c._attn_implementation
-    new.architectures = archs
+    new.architectures = [lm_class]
     return new
 
 
 def mask_hooks(model, plan: Plan):
     """The reference for tests: the UNPRUNED model with the pruned heads' and channels' inputs to
     the output projections zeroed (forward pre-hooks). Returns the hook handles."""
-    H, KV, hd, inter = dims(model)
+    arch = arch_of(model)
+    dims = arch.dims(model.config)
     handles = []
 
     def zeroing(keep: list[int], size: int):
@@ -161,11 +134,11 @@ def mask_hooks(model, plan: Plan):
             return (args[0] * mask.to(args[0].dtype),) + tuple(args[1:])
         return hook
 
-    for block, lp in zip(blocks(model), plan.layers):
-        attn = block.attn if arch(model) == "gpt2" else block.self_attn
-        o = attn.c_proj if arch(model) == "gpt2" else attn.o_proj
-        handles.append(o.register_forward_pre_hook(zeroing(_rows(lp.q_heads, hd), H * hd)))
+    for block, lp in zip(arch.block_list(model), plan.layers):
+        width = dims.heads * dims.head_dim
+        handles.append(block.get_submodule(arch.o).register_forward_pre_hook(
+            zeroing(_rows(lp.q_heads, dims.head_dim), width)))
         if lp.channels is not None:
-            down = block.mlp.c_proj if arch(model) == "gpt2" else block.mlp.down_proj
-            handles.append(down.register_forward_pre_hook(zeroing(lp.channels, inter)))
+            handles.append(block.get_submodule(arch.mlp_out).register_forward_pre_hook(
+                zeroing(lp.channels, dims.intermediate)))
     return handles

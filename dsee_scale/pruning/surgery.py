@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..adapters.delta import SparseLowRankDelta
-from ..adapters.layer import DSEELayer, slice_bounds
+from ..adapters.layer import DSEELayer, slice_bounds, unwrap
 
 
 def _index(rows, device) -> torch.Tensor:
@@ -76,7 +76,7 @@ def _delta_keep(d: SparseLowRankDelta, rows: torch.Tensor | None, cols: torch.Te
 
 def keep_outputs(layer: nn.Module, rows) -> nn.Module:
     """Keep output rows `rows` (global row numbers; for a fused q/k/v layer, rows of all three)."""
-    base = layer.base_layer if isinstance(layer, DSEELayer) else layer
+    base = unwrap(layer)
     rows_t = _index(rows, base.weight.device)
     new_base = _plain_keep(base, rows_t, None)
     if not isinstance(layer, DSEELayer):
@@ -90,7 +90,7 @@ def keep_outputs(layer: nn.Module, rows) -> nn.Module:
 
 
 def keep_inputs(layer: nn.Module, cols) -> nn.Module:
-    base = layer.base_layer if isinstance(layer, DSEELayer) else layer
+    base = unwrap(layer)
     cols_t = _index(cols, base.weight.device)
     new_base = _plain_keep(base, None, cols_t)
     if not isinstance(layer, DSEELayer):

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..adapters.layer import DSEELayer, slice_bounds, weight_out_in
+from ..adapters.layer import BASE, DSEELayer, is_dsee_name, slice_bounds, unwrap, weight_out_in
+from ..archs import arch_of
 
 UNSTRUCTURED_SCORES = ("magnitude", "abs", "wabs", "wanda")
 
@@ -28,22 +29,22 @@ def prunable(model, patterns: list[str] | None = None) -> dict[str, nn.Module]:
     """Linear / Conv1D / DSEE layers inside the transformer blocks (not embeddings, not lm_head),
     or those whose names match `patterns` (fnmatch, suffix match)."""
     out = {}
+    arch = None if patterns else arch_of(model)
     for name, m in model.named_modules():
-        if isinstance(m, DSEELayer) or (isinstance(m, (nn.Linear, Conv1D)) and ".base_layer" not in name
-                                        and ".dsee." not in name):
+        if isinstance(m, DSEELayer) or (isinstance(m, (nn.Linear, Conv1D)) and f".{BASE}" not in name
+                                        and not is_dsee_name(name)):
             if patterns:
                 if not any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p)
                            for p in patterns):
                     continue
-            elif ".h." not in name and ".layers." not in name:
+            elif arch.block_index(name) is None:
                 continue
             out[name] = m
     return out
 
 
 def _w(layer) -> torch.Tensor:
-    base = layer.base_layer if isinstance(layer, DSEELayer) else layer
-    return weight_out_in(base)
+    return weight_out_in(unwrap(layer))
 
 
 def update_of(layer) -> torch.Tensor | None:

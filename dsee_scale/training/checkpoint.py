@@ -1,150 +1,137 @@
-"""Checkpoints: DeepSpeed's own sharded save, plus what DSEE needs beside it.
+"""Saving and resuming a run: DeepSpeed's sharded save plus what DSEE needs beside it.
 
-    <output_dir>/checkpoints/
-        latest                     tag of the newest COMPLETE checkpoint (written last, atomically)
-        step_<N>/                  engine.save_checkpoint(tag="step_<N>"): ZeRO shards per rank
-            dsee_meta.json         step, world size, data position
-            dsee_supports.safetensors   the supports (identical on every rank)
-            experiment.yaml        the experiment that wrote it
-        step_<N>_universal/        made on demand to resume on a different number of ranks
-
-The last `keep_last` checkpoints are kept. Resuming on the same number of ranks loads the tag
-directly; on another number it converts it once to a DeepSpeed universal checkpoint
-(deepspeed.checkpoint.ds_to_universal) and loads that.
+The format (names, tags, manifest, layout) is dsee_scale/checkpoint/format.py. Here:
+- `save`: engine.save_checkpoint, then supports, experiment, meta and manifest (rank 0), then
+  `latest`, which therefore moves only after every rank finished writing. Each rank's RNG
+  states ride in DeepSpeed's client_state (its own model-states file).
+- `resume_point`: the checkpoint `--resume` continues from, verified, with a clear message
+  naming the newest intact checkpoint when `latest` is not intact.
+- `check_same_run`: a resumed run must be the run that wrote the checkpoint (same model, DSEE,
+  data, batches, precision); only the keys in MAY_CHANGE may differ.
+- `ensure_universal` / `restore_frozen`: resuming on another number of ranks.
 """
 from __future__ import annotations
 
-import hashlib
+import fnmatch
 import json
 import os
-import re
+import random
 import shutil
 import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 
-from ..errors import UserError
+from .. import zero
+from ..checkpoint import ZeroCheckpoint
+from ..checkpoint import format as fmt
+from ..errors import ConfigError, UserError
+from ..experiment import ExperimentConfig
+from ..faults import kill_during_save
+from ..zero import comm
 
-META = "dsee_meta.json"
-SUPPORTS = "dsee_supports.safetensors"
-MANIFEST = "manifest.json"
-FAULT_ENV = "DSEE_FAULT_KILL_DURING_SAVE"  # tests: die after the shards, before `latest`
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(d: Path) -> None:
-    """files, sizes and sha256 of a complete checkpoint directory (written last but `latest`)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
-    _write_atomic(d / MANIFEST, json.dumps({"files": files}, indent=1))
+# Experiment keys a resumed run may change: how long it runs, how it reports and saves, where
+# things go. Anything else changes the run itself and is refused.
+MAY_CHANGE = ("train.max_steps", "train.epochs", "train.stop_at_step", "train.log_every",
+              "train.histogram_every", "train.collective_timeout_s", "train.max_nonfinite_steps",
+              "eval.*", "checkpoint.*", "output_dir", "deepspeed", "nvme_path", "data.cache_dir",
+              "data.max_eval_blocks", "prune.*")
 
 
-def verify_manifest(d: Path) -> None:
-    """Refuse a checkpoint whose files are missing, truncated or changed since it was written."""
-    path = d / MANIFEST
-    if not path.is_file():
-        return  # written before manifests existed
-    for name, want in json.loads(path.read_text())["files"].items():
-        f = d / name
-        if not f.is_file():
-            raise UserError(f"checkpoint {str(d)!r}: {name} is missing (listed in {MANIFEST})")
-        if f.stat().st_size != want["bytes"]:
-            raise UserError(f"checkpoint {str(d)!r}: {name} has {f.stat().st_size} bytes, "
-                            f"{want['bytes']} expected (truncated or replaced)")
-        if sha256_file(f) != want["sha256"]:
-            raise UserError(f"checkpoint {str(d)!r}: {name} does not match its checksum (corrupt)")
+def rng_state() -> dict[str, Any]:
+    """This rank's random states: Python, torch CPU and the accelerator's (dropout masks)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "accelerator": acc.get_rng_state() if acc.device_name() != "cpu" else None}
 
 
-def ckpt_root(exp) -> Path:
-    return Path(exp.output_dir) / "checkpoints"
+def set_rng_state(state: dict[str, Any]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state.get("accelerator") is not None:
+        get_accelerator().set_rng_state(state["accelerator"])
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    with open(tmp) as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def tags(root: Path) -> list[str]:
-    found = [p.name for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)]
-    return sorted(found, key=lambda t: int(t.split("_")[1]))
-
-
-def layer_layout(model) -> dict:
-    """For each DSEE layer: its base kind (linear / conv1d) and targeted slices, so an export
-    can merge without building the model."""
-    from transformers.pytorch_utils import Conv1D
-
-    from ..adapters import DSEELayer
-
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, DSEELayer):
-            out[name] = {"kind": "conv1d" if isinstance(m.base_layer, Conv1D) else "linear",
-                         "slices": {s: list(m.bounds(s)) for s in m.dsee}}
-    return out
-
-
-def save(engine, exp, step: int, world: int, supports: dict, rank: int) -> Path:
+def save(engine, exp: ExperimentConfig, step: int, world: int, supports: dict[str, torch.Tensor],
+         rank: int) -> Path:
     from safetensors.torch import save_file
 
-    root = ckpt_root(exp)
-    tag = f"step_{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-    _barrier()  # every rank's shards are written
-    if os.environ.get(FAULT_ENV) == str(step) and rank == 0:
-        os._exit(137)  # a deterministic "killed in the middle of a save"
+    root = fmt.checkpoints_dir(exp.output_dir)
+    tag = fmt.tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False,
+                           client_state={fmt.CLIENT_STEP: step, fmt.CLIENT_RNG: rng_state()})
+    comm.barrier()  # every rank's shards are written
+    kill_during_save(step, rank)
     if rank == 0:
         d = root / tag
-        save_file({k: v.contiguous() for k, v in supports.items()}, str(d / SUPPORTS))
-        (d / "experiment.yaml").write_text(yaml.safe_dump(asdict(exp), sort_keys=False))
-        _write_atomic(d / META, json.dumps({"step": step, "world_size": world, "tag": tag,
-                                            "dsee_layers": layer_layout(engine.module)}))
-        write_manifest(d)
-        _write_atomic(root / "latest", tag)  # only now is this checkpoint the one to resume
-        for old in tags(root)[: -exp.checkpoint.keep_last]:
+        save_file({k: v.contiguous() for k, v in supports.items()}, str(d / fmt.SUPPORTS))
+        (d / fmt.EXPERIMENT).write_text(yaml.safe_dump(asdict(exp), sort_keys=False))
+        meta: fmt.Meta = {"step": step, "world_size": world, "tag": tag,
+                          "dsee_layers": fmt.layer_layout(engine.module)}
+        fmt.write_atomic(d / fmt.META, json.dumps(meta))
+        fmt.write_manifest(d)
+        fmt.write_atomic(root / fmt.LATEST, tag)  # only now is this checkpoint the one to resume
+        for old in fmt.tags(root)[: -exp.checkpoint.keep_last]:
             shutil.rmtree(root / old, ignore_errors=True)
-            shutil.rmtree(root / f"{old}_universal", ignore_errors=True)
-    _barrier()
+            shutil.rmtree(root / fmt.universal_tag(old), ignore_errors=True)
+    comm.barrier()
     return root / tag
 
 
-def latest(exp) -> tuple[Path, str, dict]:
-    root = ckpt_root(exp)
-    f = root / "latest"
-    if not f.is_file():
-        raise UserError(f"--resume: no checkpoint in {str(root)!r} (no 'latest' file)")
-    tag = f.read_text().strip()
-    meta_path = root / tag / META
-    if not meta_path.is_file():
-        raise UserError(f"--resume: checkpoint {str(root / tag)!r} is incomplete (no {META})")
-    verify_manifest(root / tag)
-    return root, tag, json.loads(meta_path.read_text())
+def resume_point(exp: ExperimentConfig) -> tuple[Path, str, fmt.Meta]:
+    """(checkpoints dir, tag, meta) of the checkpoint to resume; refuses one that is not intact."""
+    root = fmt.checkpoints_dir(exp.output_dir)
+    latest = root / fmt.LATEST
+    if not latest.is_file():
+        raise UserError(f"--resume: no checkpoint in {str(root)!r} (no '{fmt.LATEST}' file)")
+    tag = latest.read_text().strip()
+    problem = (f"{tag} does not exist" if not (root / tag).is_dir()
+               else fmt.manifest_problem(root / tag))
+    if problem is not None:
+        intact = [t for t in reversed(fmt.tags(root)) if t != tag and fmt.manifest_problem(root / t) is None]
+        hint = (f"the newest intact checkpoint is {intact[0]}: resume from it with "
+                f"`echo {intact[0]} > {latest}` and --resume" if intact
+                else "no intact checkpoint is left: start over in a new output_dir")
+        raise UserError(f"--resume: the latest checkpoint {str(root / tag)!r} is not intact "
+                        f"({problem}); {hint}")
+    return root, tag, fmt.read_meta(root / tag)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_same_run(saved: dict, exp: ExperimentConfig, where: Path) -> None:
+    """Refuse a resume whose experiment differs from the checkpoint's in a key outside MAY_CHANGE."""
+    now = yaml.safe_load(yaml.safe_dump(asdict(exp)))  # the same normal form as the saved file
+    old_flat, new_flat = _flat(saved), _flat(now)
+    for key in sorted(set(old_flat) | set(new_flat)):
+        if any(fnmatch.fnmatchcase(key, p) for p in MAY_CHANGE):
+            continue
+        old, new = old_flat.get(key), new_flat.get(key)
+        if old != new:
+            raise ConfigError(f"--resume: {key} was {old!r} in {str(where)!r}, now {new!r}; a "
+                              f"resumed run keeps the run's settings (it may change only "
+                              f"{', '.join(MAY_CHANGE)}): start a new output_dir for another run")
 
 
 def load_supports(root: Path, tag: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    path = root / tag / SUPPORTS
+    path = root / tag / fmt.SUPPORTS
     if not path.is_file():
         raise UserError(f"--resume: {str(path)!r} is missing")
     return load_file(str(path))
@@ -152,7 +139,7 @@ def load_supports(root: Path, tag: str) -> dict[str, torch.Tensor]:
 
 def ensure_universal(root: Path, tag: str, rank: int) -> str:
     """Convert `tag` to a universal checkpoint once (rank 0); returns the universal tag."""
-    utag = f"{tag}_universal"
+    utag = fmt.universal_tag(tag)
     if rank == 0 and not (root / utag / "zero").is_dir():
         tmp = root / f"{utag}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -164,5 +151,15 @@ def ensure_universal(root: Path, tag: str, rank: int) -> str:
             raise UserError(f"--resume: converting {tag} to a universal checkpoint failed: "
                             f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
         os.replace(tmp, root / utag)
-    _barrier()
+    comm.barrier()
     return utag
+
+
+def restore_frozen(model, root: Path, tag: str, rank: int) -> None:
+    """DeepSpeed's universal checkpoints carry the trained (optimizer) parameters only: frozen
+    weights would stay as the freshly built model has them (wrong for pruned or random-config
+    models). Read them from the original checkpoint, one at a time."""
+    ck = ZeroCheckpoint(root, tag)
+    for name, p in model.named_parameters():
+        if not p.requires_grad and name in ck.frozen_shapes:
+            zero.copy_full_into(model, name, ck.tensor(name), rank)

@@ -44,24 +44,58 @@ def discover(env: dict | None = None) -> DistEnv:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Slurm's compressed node list ('gpu[01-03,07],cpu5') as host names, in order: what
-    `scontrol show hostnames` prints, without needing scontrol."""
+    """Slurm's compressed node list as host names, in order ('gpu[01-03,07],cpu5' ->
+    gpu01 gpu02 gpu03 gpu07 cpu5; 'rack[1-2]-node[01-02]' -> rack1-node01 rack1-node02
+    rack2-node01 rack2-node02): what `scontrol show hostnames` prints, for where it is absent."""
     hosts: list[str] = []
-    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        m = re.fullmatch(r"(.*?)\[([^\]]*)\](.*)", item)
-        if not m:
-            hosts.append(item)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
+    for item in _split_top_level(nodelist):
+        hosts += _expand_item(item)
     return hosts
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [p for p in parts + [current] if p]
+
+
+def _expand_item(item: str) -> list[str]:
+    m = re.match(r"([^\[]*)\[([^\]]*)\](.*)", item)
+    if not m:
+        return [item]
+    prefix, ranges, rest = m.groups()
+    tails = _expand_item(rest)
+    out = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        for i in range(int(lo), int(hi or lo) + 1):
+            out += [f"{prefix}{str(i).zfill(len(lo))}{tail}" for tail in tails]
+    return out
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Host names of a Slurm node list: `scontrol show hostnames` where Slurm is installed (the
+    authority), else expand_nodelist."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.split():
+            return r.stdout.split()
+    return expand_nodelist(nodelist)
+
+
 def _first_slurm_host(nodelist: str) -> str:
-    hosts = expand_nodelist(nodelist)
+    hosts = slurm_hostnames(nodelist)
     return hosts[0] if hosts else "127.0.0.1"
 
 

@@ -1,18 +1,31 @@
-"""The DeepSpeed side: fill the engine JSON from the experiment, build the partitioned model
-with DSEE injected, and create the engine."""
+"""The DeepSpeed side: fill the engine JSON from the experiment and the accelerator, build the
+partitioned model, and create the engine.
+
+Values the experiment YAML owns (batch sizes, lr, weight decay, clipping, precision) are "auto"
+in ds_configs/ and come from the YAML. Values that depend on the accelerator are "auto" too
+and chosen here (`accelerator_settings`):
+
+                          GPU (CUDA, NCCL)                 DeepSpeed's CPU accelerator (gloo)
+  optimizer               FusedAdam; DeepSpeedCPUAdam      torch AdamW; DeepSpeedCPUAdam with
+                          with optimizer offload           optimizer offload
+  overlap_comm            true                             false (no streams to overlap)
+  offload pin_memory      true (faster host<->GPU copies)  false (nothing to pin for)
+  ZeRO-3 buckets          from the hidden size h, as transformers' integration does:
+                          reduce_bucket_size h*h, stage3_prefetch_bucket_size 0.9*h*h,
+                          stage3_param_persistence_threshold 10*h
+A fixed value in the JSON is kept; one that disagrees with the YAML is an error.
+"""
 from __future__ import annotations
 
 import copy
 import json
 import logging
-import time
 from pathlib import Path
+from typing import Any
 
-
-from ..adapters import DSEEConfig, inject
-from ..adapters.inject import check_num_sparse, resolve_targets
+from .. import zero
 from ..errors import ConfigError
-from ..zero import distributed_supports
+from ..experiment import ExperimentConfig
 
 log = logging.getLogger("dsee_scale")
 
@@ -27,8 +40,10 @@ def _fill(node: dict, key: str, value, yaml_key: str, source: str) -> None:
                           f"set it to \"auto\" or make them equal")
 
 
-def deepspeed_config(exp, world_size: int) -> dict:
-    """The engine JSON with its "auto" values filled in from the experiment YAML."""
+def deepspeed_config(exp: ExperimentConfig, world_size: int, hidden_size: int | None = None,
+                     accelerator: str | None = None) -> dict:
+    """The engine JSON with its "auto" values filled in from the experiment YAML and the
+    accelerator (its name, e.g. "cuda" or "cpu"; default: DeepSpeed's accelerator)."""
     path = exp.deepspeed
     try:
         ds = json.loads(Path(path).read_text())
@@ -51,9 +66,9 @@ def deepspeed_config(exp, world_size: int) -> dict:
         params = ds["optimizer"].setdefault("params", {})
         _fill(params, "lr", t.lr, "train.lr", path)
         _fill(params, "weight_decay", t.weight_decay, "train.weight_decay", path)
-    zero = ds.get("zero_optimization", {})
+    zero_cfg = ds.get("zero_optimization", {})
     for part in ("offload_optimizer", "offload_param"):
-        off = zero.get(part)
+        off = zero_cfg.get(part)
         if off and off.get("device") == "nvme":
             if not exp.nvme_path:
                 raise ConfigError(f"nvme_path: {path} offloads to NVMe; set nvme_path to a "
@@ -61,7 +76,36 @@ def deepspeed_config(exp, world_size: int) -> dict:
             Path(exp.nvme_path).mkdir(parents=True, exist_ok=True)
             _fill(off, "nvme_path", exp.nvme_path, "nvme_path", path)
             preload_libaio()
+    accelerator_settings(ds, accelerator or _accelerator_name(), hidden_size)
     return ds
+
+
+def _accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def accelerator_settings(ds: dict, accelerator: str, hidden_size: int | None) -> None:
+    """Fill the accelerator-dependent "auto" values (the table in the module docstring)."""
+    gpu = accelerator != "cpu"
+    zero_cfg = ds.get("zero_optimization", {})
+    offload_optimizer = bool(zero_cfg.get("offload_optimizer", {}).get("device", "none") != "none")
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        if params.get("torch_adam") == "auto":  # False: FusedAdam, or CPU Adam when offloaded
+            params["torch_adam"] = not gpu and not offload_optimizer
+    if zero_cfg.get("overlap_comm") == "auto":
+        zero_cfg["overlap_comm"] = gpu
+    for part in ("offload_optimizer", "offload_param"):
+        if zero_cfg.get(part, {}).get("pin_memory") == "auto":
+            zero_cfg[part]["pin_memory"] = gpu
+    h = hidden_size
+    for key, value, fallback in (("reduce_bucket_size", h * h if h else None, int(5e8)),
+                                 ("stage3_prefetch_bucket_size", int(0.9 * h * h) if h else None, int(5e7)),
+                                 ("stage3_param_persistence_threshold", 10 * h if h else None, int(1e5))):
+        if zero_cfg.get(key) == "auto":
+            zero_cfg[key] = value if value is not None else fallback
 
 
 def preload_libaio() -> None:
@@ -83,34 +127,18 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def build_model(exp, ds: dict):
+def build_model(exp: ExperimentConfig, ds: dict):
     """The base model, partitioned while it loads under ZeRO-3 (never a full copy per rank)."""
     from ..models import load_model
 
-    keep = None
     if zero_stage(ds) == 3:
-        # transformers builds / loads under deepspeed.zero.Init while this object is alive
-        from transformers.integrations import HfDeepSpeedConfig
-
-        keep = HfDeepSpeedConfig(copy.deepcopy(ds))
+        zero.partitioned_loading(copy.deepcopy(ds))
     mc = copy.copy(exp.model)
     if exp.train.precision == "bf16":
         mc.dtype = "bfloat16"
     elif exp.train.precision == "fp16":
         mc.dtype = "float16"
-    model = load_model(mc)
-    model._dsee_hf_ds_config = keep  # keep zero.Init's config alive with the model
-    return model
-
-
-def inject_distributed(model, cfg: DSEEConfig, progress=None):
-    """Supports chosen on gathered weights, spread over ranks; identical on every rank."""
-    targets = resolve_targets(model, cfg)
-    check_num_sparse(model, targets, cfg)
-    t0 = time.perf_counter()
-    supports = distributed_supports(model, targets, cfg, progress)
-    inject(model, cfg, supports)
-    return targets, supports, time.perf_counter() - t0
+    return load_model(mc)
 
 
 def lr_scheduler_factory(t, total_steps: int):
@@ -125,7 +153,7 @@ def lr_scheduler_factory(t, total_steps: int):
     return make
 
 
-def create_engine(model, ds: dict, exp, total_steps: int):
+def create_engine(model, ds: dict, exp: ExperimentConfig, total_steps: int) -> tuple[Any, Any, Any]:
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -145,6 +173,4 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def trainable_count(model) -> int:
-    from ..zero import full_numel
-
-    return sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    return sum(zero.full_numel(p) for p in model.parameters() if p.requires_grad)

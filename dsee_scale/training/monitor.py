@@ -20,6 +20,9 @@ def rss_mb() -> float:
 
 
 class Monitor:
+    """TensorBoard + tqdm on rank 0. A resumed run (start_step > 0) purges what an earlier
+    attempt logged after that step, so every step appears once (SummaryWriter's purge_step)."""
+
     def __init__(self, log_dir: Path, enabled: bool, total_steps: int, start_step: int):
         self.enabled = enabled
         self.writer = None
@@ -28,7 +31,7 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
 
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True)
 
@@ -60,7 +63,10 @@ class Monitor:
 
 
 def memory_scalars() -> dict[str, float]:
+    from deepspeed.accelerator import get_accelerator
+
     out = {"mem/rss_mb": rss_mb()}
-    if torch.cuda.is_available():
-        out["mem/gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        out["mem/gpu_allocated_mb"] = acc.max_memory_allocated() / 2**20
     return out

@@ -7,20 +7,16 @@ schedule as they were, and `engine.was_step_applied()` says so. What is left to 
 
 - a loss that is NaN/inf on one rank must reach the gradient, so that the (all-reduced) norm
   check skips the same step on every rank: `backward_loss` poisons it;
-- count the skips, log them, and stop after `train.max_nonfinite_steps` in a row (`Skips`);
-- a deterministic fault for the tests (`DSEE_FAULT_NAN_AT_STEPS=3,4`).
+- count the skips, log them, and stop after `train.max_nonfinite_steps` in a row (`Skips`).
+The tests' NaN fault is in dsee_scale/faults.py.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 
 from ..errors import RunStopped
-
-FAULT_ENV = "DSEE_FAULT_NAN_AT_STEPS"  # tests: NaN in rank 0's first micro-batch of these steps
 
 
 def backward_loss(loss: torch.Tensor) -> torch.Tensor:
@@ -66,22 +62,3 @@ class Skips:
         return (f"steps {self.run[0]}-{self.run[-1]}: {len(self.run)} steps in a row had a "
                 f"non-finite loss or gradient and were skipped (train.max_nonfinite_steps="
                 f"{self.limit}); the run stopped, {keep}")
-
-
-def nan_fault(model, rank: int):
-    """fault(step, micro) -> a context in which the forward yields NaN (only for the steps in
-    $DSEE_FAULT_NAN_AT_STEPS, rank 0, micro-batch 0); a no-op context otherwise."""
-    steps = {int(s) for s in os.environ.get(FAULT_ENV, "").split(",") if s.strip()}
-
-    @contextlib.contextmanager
-    def fault(step: int, micro: int):
-        if rank != 0 or micro != 0 or step not in steps:
-            yield
-            return
-        hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o * float("nan"))
-        try:
-            yield
-        finally:
-            hook.remove()
-
-    return fault

@@ -1,5 +1,14 @@
-"""The training run behind `deepspeed launchers/train.py`: build, inject, train, evaluate,
-checkpoint, resume. Every rank runs this; only rank 0 writes logs and TensorBoard."""
+"""The training run behind `dsee-scale train` (and `deepspeed launchers/train.py`), as a recipe:
+
+    run = TrainingRun(exp, resume=False)
+    run.setup()           # process group, resume point, model + DSEE, data, engine, logs
+    summary = run.train()
+    run.cleanup()         # summary.json, engine and process group down
+
+Every rank runs it; only rank 0 writes logs, TensorBoard and checkpoint metadata. Setup is a
+row of small named steps, each usable alone. Device rule (zero/comm.py): batches go to the
+engine's device, every reduction goes through `comm`.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -7,81 +16,89 @@ import json
 import math
 import random
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
+from torch import nn
 
-from ..adapters import DSEELayer, inject
+from ..adapters import DSEELayer, choose_supports, inject
 from ..adapters.inject import check_num_sparse, resolve_targets
-from ..data import ByteTokenizer, build_corpus, micro_batch
+from ..checkpoint import format as fmt
+from ..data import ByteTokenizer, Corpus, build_corpus, micro_batch
 from ..errors import ConfigError, RunStopped
-from ..models import load_tokenizer
-from ..zero import all_gather_objects, gathered
+from ..experiment import ExperimentConfig
+from ..faults import exit_after_step, nan_fault
+from ..models import load_config, load_tokenizer
+from ..zero import comm, gathered
 from . import checkpoint as ckpt
 from .distributed import setup_env
 from .engine import (build_model, create_engine, deepspeed_config, enable_gradient_checkpointing,
-                     inject_distributed, trainable_count)
+                     trainable_count)
 from .monitor import Monitor, memory_scalars
-from .nonfinite import Skips, backward_loss, nan_fault
+from .nonfinite import Skips, backward_loss
+
+# build(exp, ds_config, rank, world) -> (model with DSEE injected, supports): a custom way to
+# make the model of a fresh run (the pruning stage builds the pruned model with it)
+Builder = Callable[[ExperimentConfig, dict, int, int], tuple[nn.Module, dict[str, torch.Tensor]]]
 
 
 def supports_digest(supports: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(supports):
         h.update(k.encode())
-        h.update(supports[k].to(torch.int64).contiguous().numpy().tobytes())
+        h.update(supports[k].to(torch.int64).contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def _mean_over_ranks(value: float, world: int) -> float:
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / world
+def start_process_group(exp: ExperimentConfig) -> tuple[int, int]:
+    """Rank discovery, this rank's device and the process group; seeds. Returns (rank, world).
+    Safe to call again (the pruning stage calls it before the run does)."""
+    env = setup_env()
+    rank, world = comm.init(env.local_rank, env.master_port, exp.train.collective_timeout_s)
+    torch.manual_seed(exp.train.seed)
+    random.seed(exp.train.seed)
+    return rank, world
 
 
-def check_model_fits_data(model, tokenizer, block_size: int) -> None:
-    cfg = model.config
-    n_pos = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+def check_model_fits_data(config: Any, tokenizer: Any, block_size: int) -> None:
+    n_pos = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if n_pos is not None and block_size > n_pos:
         raise ConfigError(f"data.block_size: {block_size} is larger than the model's context "
                           f"({n_pos} positions)")
     tok_vocab = getattr(tokenizer, "vocab_size", None)
-    if tok_vocab is not None and tok_vocab > cfg.vocab_size:
+    if tok_vocab is not None and tok_vocab > config.vocab_size:
         raise ConfigError(f"model: the tokenizer has {tok_vocab} ids but the model's vocab_size is "
-                          f"{cfg.vocab_size}")
+                          f"{config.vocab_size}")
 
 
 @torch.no_grad()
-def evaluate(engine, blocks: torch.Tensor, batch_size: int, rank: int, world: int) -> float:
-    """Mean held-out token loss over all eval blocks (every rank runs the same number of
-    forwards, as ZeRO-3 gathers parameters collectively)."""
+def evaluate(engine: Any, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean held-out token loss over all eval blocks. Every rank runs the same number of
+    forwards (ZeRO-3 gathers parameters collectively); a rank out of blocks runs a dummy one."""
+    rank, world = comm.rank_and_world()
     engine.eval()
-    n = blocks.shape[0]
     mine = blocks[rank::world]
-    rounds = math.ceil(math.ceil(n / world) / batch_size)
-    total = torch.zeros(2, dtype=torch.float64)  # sum of token losses, tokens
+    rounds = math.ceil(math.ceil(blocks.shape[0] / world) / batch_size)
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # token-loss sum, tokens
     for i in range(rounds):
         ids = mine[i * batch_size:(i + 1) * batch_size]
         weight = ids.shape[0]
-        if weight == 0:  # nothing left on this rank: a dummy forward that counts for nothing
-            ids = blocks[:1]
-        out = engine(input_ids=ids, labels=ids)
-        tokens = ids.shape[0] * (ids.shape[1] - 1)
+        ids = (ids if weight else blocks[:1]).to(engine.device)
+        loss = engine(input_ids=ids, labels=ids).loss
         if weight:
-            total += torch.tensor([out.loss.float().item() * tokens, tokens], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(total)
+            tokens = ids.shape[0] * (ids.shape[1] - 1)
+            total += torch.stack([loss.detach().double() * tokens, loss.new_tensor(tokens).double()])
+    total = comm.sum_over_ranks(total)
     engine.train()
     return float(total[0] / total[1])
 
 
-def dsee_histograms(model, monitor: Monitor, step: int) -> None:
+def dsee_histograms(model: nn.Module, monitor: Monitor, step: int) -> None:
     """Histograms of the DSEE values (gathered: a collective, so every rank calls it)."""
-    groups = {"lora_A": [], "lora_B": [], "sparse_values": []}
+    groups: dict[str, list[torch.Tensor]] = {"lora_A": [], "lora_B": [], "sparse_values": []}
     for m in model.modules():
         if isinstance(m, DSEELayer):
             for d in m.dsee.values():
@@ -95,191 +112,244 @@ def dsee_histograms(model, monitor: Monitor, step: int) -> None:
                                   torch.cat([p.detach().reshape(-1).float().cpu() for p in params]))
 
 
-def restore_frozen(model, root, tag: str, rank: int) -> None:
-    """DeepSpeed's universal checkpoints carry the trained (optimizer) parameters only: frozen
-    weights would stay as the freshly built model has them (wrong for pruned or random-config
-    models). Read them from the original checkpoint, one at a time."""
-    from ..export.zero_checkpoint import ZeroCheckpoint
-    from ..zero import copy_full_into
-
-    ck = ZeroCheckpoint(root, tag)
-    for name, p in model.named_parameters():
-        if not p.requires_grad and name in ck.frozen_shapes:
-            copy_full_into(model, name, ck.tensor(name), rank)
+@dataclass
+class ResumePoint:
+    root: Path  # <output_dir>/checkpoints
+    tag: str  # the checkpoint's own tag
+    load_tag: str  # what the engine loads: the tag, or its universal form on another world size
+    meta: fmt.Meta
 
 
-def run(exp, resume: bool = False, build=None) -> dict:
-    """Train `exp`; returns a summary (final losses, steps) on every rank.
+class TrainingRun:
+    def __init__(self, exp: ExperimentConfig, resume: bool = False, build: Builder | None = None):
+        self.exp, self.resume_requested, self.build = exp, resume, build
+        self.out = Path(exp.output_dir)
 
-    build(exp, ds, rank, world) -> (model, supports): a custom way to make the DSEE model for a
-    fresh run (the pruning launcher builds the pruned model with it); default: load + inject."""
-    setup_env()
-    import deepspeed
+    # ---- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        exp = self.exp
+        self.rank, self.world = start_process_group(exp)
+        self.config = load_config(exp.model)
+        self.ds = deepspeed_config(exp, self.world, getattr(self.config, "hidden_size", None))
+        self.resume = self.find_resume_point()
+        self.model, self.supports, self.inject_s = self.build_model()
+        self.corpus = self.load_data()
+        self.create_engine()
+        self.start = self.load_checkpoint()
+        self.open_logs()
 
-    deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=exp.train.collective_timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(exp.train.seed)
-    random.seed(exp.train.seed)
-    out = Path(exp.output_dir)
-    ds = deepspeed_config(exp, world)
-
-    if not resume and (out / "checkpoints" / "latest").exists():
-        raise ConfigError(f"output_dir: {str(out)!r} already holds a run (checkpoints/latest); "
-                          "continue it with --resume or choose another output_dir")
-    load_tag = meta = root = None
-    if resume:
-        root, tag, meta = ckpt.latest(exp)
+    def find_resume_point(self) -> ResumePoint | None:
+        root = fmt.checkpoints_dir(self.exp.output_dir)
+        if not self.resume_requested:
+            if (root / fmt.LATEST).exists():
+                raise ConfigError(f"output_dir: {str(self.out)!r} already holds a run "
+                                  f"(checkpoints/{fmt.LATEST}); continue it with --resume or "
+                                  "choose another output_dir")
+            return None
+        root, tag, meta = ckpt.resume_point(self.exp)
+        ckpt.check_same_run(fmt.read_experiment(root / tag), self.exp, root / tag)
         load_tag = tag
-        if meta["world_size"] != world:
-            load_tag = ckpt.ensure_universal(root, tag, rank)
-            ds.setdefault("checkpoint", {})["load_universal"] = True
+        if meta["world_size"] != self.world:
+            load_tag = ckpt.ensure_universal(root, tag, self.rank)
+            self.ds.setdefault("checkpoint", {})["load_universal"] = True
+        return ResumePoint(root, tag, load_tag, meta)
 
-    t_build = time.perf_counter()
-    if build is not None and not resume:
-        model, supports = build(exp, ds, rank, world)
-    else:
-        model = build_model(exp, ds)
-    tokenizer = load_tokenizer(exp.model) or ByteTokenizer()
-    check_model_fits_data(model, tokenizer, exp.data.block_size)
-    if rank == 0:  # tokenize once into the cache; the other ranks then read it
-        corpus = build_corpus(exp.data, tokenizer)
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        corpus = build_corpus(exp.data, tokenizer)
-    if exp.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    def build_model(self) -> tuple[nn.Module, dict[str, torch.Tensor], float]:
+        """The partitioned model with DSEE injected: a custom builder's (fresh pruned runs),
+        the checkpoint's supports (resume), or supports chosen now, spread over ranks."""
+        exp, t0 = self.exp, time.perf_counter()
+        if self.build is not None and self.resume is None:
+            model, supports = self.build(exp, self.ds, self.rank, self.world)
+        else:
+            model = build_model(exp, self.ds)
+            check_num_sparse(model, resolve_targets(model, exp.dsee), exp.dsee)
+            if self.resume is not None:
+                supports = ckpt.load_supports(self.resume.root, self.resume.meta["tag"])
+            else:
+                supports = choose_supports(model, resolve_targets(model, exp.dsee), exp.dsee,
+                                           self._progress(f"supports ({exp.dsee.support})"))
+            inject(model, exp.dsee, supports)
+        inject_s = 0.0 if self.resume is not None else time.perf_counter() - t0
+        self.digests = comm.all_gather_objects(supports_digest(supports))
+        if len(set(self.digests)) != 1:
+            raise RuntimeError(f"supports differ between ranks: {self.digests}")
+        if exp.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model, supports, inject_s
 
-    bar = None
+    def _progress(self, desc: str) -> Callable[[int, int], None] | None:
+        if self.rank != 0:
+            return None
+        from tqdm import tqdm
 
-    def inject_progress(done, total):
-        nonlocal bar
-        if rank == 0:
-            if bar is None:
-                from tqdm import tqdm
+        bar = None
 
-                bar = tqdm(total=total, desc=f"supports ({exp.dsee.support})", unit="matrix")
+        def update(done: int, total: int) -> None:
+            nonlocal bar
+            bar = bar or tqdm(total=total, desc=desc, unit="matrix")
             bar.update(done - bar.n)
+            if done == total:
+                bar.close()
 
-    if build is not None and not resume:
-        inject_s = time.perf_counter() - t_build
-    elif resume:
-        supports = ckpt.load_supports(root, meta["tag"])
-        check_num_sparse(model, resolve_targets(model, exp.dsee), exp.dsee)
-        inject(model, exp.dsee, supports)
-        inject_s = 0.0
-    else:
-        _, supports, inject_s = inject_distributed(model, exp.dsee, inject_progress)
-        if bar is not None:
-            bar.close()
-    digests = all_gather_objects(supports_digest(supports))
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"supports differ between ranks: {digests}")
+        return update
 
-    n_train = corpus.train.shape[0]
-    t = exp.train
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * n_train / t.batch_size))
-    n_trainable = trainable_count(model)
-    engine, _, scheduler = create_engine(model, ds, exp, total_steps)
-    accum = engine.gradient_accumulation_steps()
+    def load_data(self) -> Corpus:
+        """Packed blocks; rank 0 tokenizes into the cache first, the others then read it."""
+        data = self.exp.data
+        tokenizer = load_tokenizer(self.exp.model) or ByteTokenizer()
+        check_model_fits_data(self.model.config, tokenizer, data.block_size)
+        corpus = build_corpus(data, tokenizer) if self.rank == 0 else None
+        comm.barrier()
+        return corpus if corpus is not None else build_corpus(data, tokenizer)
 
-    start = 0
-    if resume:
-        path, _ = engine.load_checkpoint(str(root), tag=load_tag)
+    def create_engine(self) -> None:
+        t = self.exp.train
+        n_train = self.corpus.train.shape[0]
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * n_train / t.batch_size))
+        self.n_trainable = trainable_count(self.model)
+        self.engine, _, self.scheduler = create_engine(self.model, self.ds, self.exp, self.total_steps)
+        self.accum = self.engine.gradient_accumulation_steps()
+
+    def load_checkpoint(self) -> int:
+        """The resumed step (0 for a fresh run), with engine state, frozen weights, RNG."""
+        r = self.resume
+        if r is None:
+            return 0
+        path, client = self.engine.load_checkpoint(str(r.root), tag=r.load_tag)
         if path is None:
-            raise ConfigError(f"--resume: DeepSpeed could not load {root / load_tag}")
-        start = int(meta["step"])
-        if load_tag != meta["tag"]:
-            restore_frozen(engine.module, root, meta["tag"], rank)
+            raise ConfigError(f"--resume: DeepSpeed could not load {r.root / r.load_tag}")
+        if r.load_tag != r.tag:  # another world size: frozen weights and RNG are not carried
+            ckpt.restore_frozen(self.engine.module, r.root, r.tag, self.rank)
+        elif client and fmt.CLIENT_RNG in client:
+            ckpt.set_rng_state(client[fmt.CLIENT_RNG])
+        return int(r.meta["step"])
 
-    if rank == 0:  # only now: a run stopped by bad input leaves nothing on disk
-        out.mkdir(parents=True, exist_ok=True)
-    monitor = Monitor(out / "tensorboard", rank == 0, total_steps, start)
-    log_path = out / "train_log.jsonl"
-    if rank == 0:
-        monitor.text(f"dsee-scale: {world} rank(s), ZeRO stage "
-                     f"{ds.get('zero_optimization', {}).get('stage', 0)}, {corpus.describe()}, "
-                     f"{n_trainable:,} trainable parameters, supports {digests[0]} "
-                     f"(identical on {world} ranks, chosen in {inject_s:.1f}s)")
-        monitor.scalars(start, {"model/trainable_params": float(n_trainable)})
-    tokens_per_step = t.batch_size * exp.data.block_size
-    summary = {"world_size": world, "total_steps": total_steps, "start_step": start,
-               "supports_digest": digests[0], "trainable_params": n_trainable}
-    engine.train()
-    eval_loss = None
-    skips = Skips(t.max_nonfinite_steps, fp16=t.precision == "fp16")
-    fault = nan_fault(engine.module, rank)
-    last_good = str(root / meta["tag"]) if resume else None
-    for step in range(start, total_steps):
+    def open_logs(self) -> None:
+        exp, t = self.exp, self.exp.train
+        self.log_path = self.out / "train_log.jsonl"
+        if self.rank == 0:  # only now: a run stopped by bad input leaves nothing on disk
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._truncate_log()
+        self.monitor = Monitor(self.out / "tensorboard", self.rank == 0, self.total_steps, self.start)
+        stage = self.ds.get("zero_optimization", {}).get("stage", 0)
+        self.monitor.text(f"dsee-scale: {self.world} rank(s) on {comm.device()}, ZeRO stage {stage}, "
+                          f"{self.corpus.describe()}, {self.n_trainable:,} trainable parameters, "
+                          f"supports {self.digests[0]} (identical on {self.world} ranks, chosen in "
+                          f"{self.inject_s:.1f}s)")
+        if self.start == 0:
+            self.monitor.scalars(0, {"model/trainable_params": float(self.n_trainable)})
+        self.skips = Skips(t.max_nonfinite_steps, fp16=t.precision == "fp16")
+        self.fault = nan_fault(self.engine.module, self.rank)
+        self.last_good = str(self.resume.root / self.resume.tag) if self.resume else None
+        self.eval_loss: float | None = None
+        self.summary: dict[str, Any] = {
+            "world_size": self.world, "total_steps": self.total_steps, "start_step": self.start,
+            "supports_digest": self.digests[0], "trainable_params": self.n_trainable,
+            "inject_seconds": self.inject_s}
+
+    def _truncate_log(self) -> None:
+        """Forget steps an earlier attempt logged after the resumed checkpoint (each step once)."""
+        if not self.log_path.is_file():
+            return
+        keep = [line for line in self.log_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.start]
+        fmt.write_atomic(self.log_path, "".join(line + "\n" for line in keep))
+
+    # ---- the loop ------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        exp, t = self.exp, self.exp.train
+        self.engine.train()
+        for step in range(self.start, self.total_steps):
+            done = step + 1
+            loss, seconds = self.train_step(step)
+            skipped = self.skips.update(done, self.engine.was_step_applied(), loss)
+            self.log_step(done, loss, seconds, skipped)
+            exit_after_step(done)
+            stop_why = self.skips.stop_message(self.last_good)
+            if stop_why is not None:
+                self.summary.update(final_step=done, skipped_steps=self.skips.total, stopped=stop_why)
+                self.cleanup()
+                raise RunStopped(stop_why)
+            if done % t.histogram_every == 0 or done == self.total_steps:
+                dsee_histograms(self.engine.module, self.monitor, done)
+            if self.corpus.eval is not None and (done % exp.eval.every == 0 or done == self.total_steps):
+                self.run_eval(done)
+            stop_here = t.stop_at_step is not None and done >= t.stop_at_step
+            # no scheduled checkpoint of a skipped step (the last good one stays `latest`); the
+            # final one is written anyway: its state is the last good one's
+            if (done % exp.checkpoint.every == 0 and not skipped) or done == self.total_steps or stop_here:
+                self.last_good = str(ckpt.save(self.engine, exp, done, self.world, self.supports,
+                                               self.rank))
+            self.summary.update(final_step=done, final_loss=loss if math.isfinite(loss) else None,
+                                skipped_steps=self.skips.total)
+            if stop_here:
+                self.monitor.text(f"stopping at step {done} (train.stop_at_step); resume with --resume")
+                break
+        self.summary["eval_loss"] = self.eval_loss
+        return self.summary
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step (accum micro-batches); returns (loss mean over ranks, seconds)."""
+        t, engine = self.exp.train, self.engine
         t0 = time.perf_counter()
-        loss_sum = 0.0
-        for micro in range(accum):
-            ids = micro_batch(corpus.train, step, micro, rank, world, t.micro_batch_size,
-                              t.batch_size, t.seed)
-            with fault(step + 1, micro):
+        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+        for micro in range(self.accum):
+            ids = micro_batch(self.corpus.train, step, micro, self.rank, self.world,
+                              t.micro_batch_size, t.batch_size, t.seed).to(engine.device)
+            with self.fault(step + 1, micro):
                 loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(backward_loss(loss))
             engine.step()
-            loss_sum += float(loss.detach().float().item())
-        loss_mean = _mean_over_ranks(loss_sum / accum, world)
-        dt = time.perf_counter() - t0
-        done = step + 1
-        skipped = skips.update(done, engine.was_step_applied(), loss_mean)
-        grad_norm = engine.get_global_grad_norm()
+            loss_sum += loss.detach().double()
+        mean = float(comm.sum_over_ranks(loss_sum.reshape(1))[0]) / (self.accum * self.world)
+        return mean, time.perf_counter() - t0
+
+    def log_step(self, done: int, loss: float, seconds: float, skipped: bool) -> None:
+        if self.rank != 0:
+            return
+        t = self.exp.train
+        grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None
-        lr = scheduler.get_last_lr()[0] if scheduler is not None else t.lr
-        loss_log = loss_mean if math.isfinite(loss_mean) else None  # JSON has no NaN
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": done, "loss": loss_log, "lr": lr,
-                                    "grad_norm": grad_norm, "step_time": dt,
-                                    **({"skipped": True} if skipped else {})}) + "\n")
-            if skipped:
-                monitor.text(f"step {done}: skipped (loss {loss_mean}, gradient not finite); "
-                             f"{skips.total} skipped so far")
-            if done % t.log_every == 0 or done == total_steps or skipped:
-                monitor.scalars(done, {
-                    **({"train/loss": loss_mean, "train/perplexity": math.exp(min(loss_mean, 50)),
-                        "train/grad_norm": grad_norm} if not skipped else {}),
-                    "train/lr": lr, "train/skipped_steps": float(skips.total),
-                    "train/samples": float(done * t.batch_size),
-                    "perf/tokens_per_s": tokens_per_step / dt, "perf/step_time_s": dt,
-                    **memory_scalars()})
-            monitor.progress(done, loss_mean, tokens_per_step / dt)
-        stop_why = skips.stop_message(last_good)
-        if stop_why is not None:
-            summary.update(final_step=done, skipped_steps=skips.total, stopped=stop_why)
-            _finish(engine, monitor, out, summary, rank)
-            raise RunStopped(stop_why)
-        if done % t.histogram_every == 0 or done == total_steps:
-            dsee_histograms(engine.module, monitor, done)
-        if corpus.eval is not None and (done % exp.eval.every == 0 or done == total_steps):
-            eval_loss = evaluate(engine, corpus.eval, exp.eval.batch_size, rank, world)
-            monitor.scalars(done, {"eval/loss": eval_loss,
-                                   "eval/perplexity": math.exp(min(eval_loss, 50))})
-            monitor.text(f"step {done}: eval loss {eval_loss:.4f} "
-                         f"perplexity {math.exp(min(eval_loss, 50)):.2f}")
-        stop_here = t.stop_at_step is not None and done >= t.stop_at_step
-        # no checkpoint of a skipped step on schedule (the last good one stays `latest`); the
-        # final one is written anyway: its state is the last good one's
-        if (done % exp.checkpoint.every == 0 and not skipped) or done == total_steps or stop_here:
-            last_good = str(ckpt.save(engine, exp, done, world, supports, rank))
-        summary.update(final_step=done, final_loss=loss_log,
-                       skipped_steps=skips.total)
-        if stop_here:
-            monitor.text(f"stopping at step {done} (train.stop_at_step); resume with --resume")
-            break
-    summary["eval_loss"] = eval_loss
-    summary["inject_seconds"] = inject_s
-    _finish(engine, monitor, out, summary, rank)
+        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
+        finite = math.isfinite(loss)
+        tokens_per_s = t.batch_size * self.exp.data.block_size / seconds
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"step": done, "loss": loss if finite else None, "lr": lr,
+                                "grad_norm": grad_norm, "step_time": seconds,
+                                **({"skipped": True} if skipped else {})}) + "\n")
+        if skipped:
+            self.monitor.text(f"step {done}: skipped (loss {loss}, gradient not finite); "
+                              f"{self.skips.total} skipped so far")
+        if done % t.log_every == 0 or done == self.total_steps or skipped:
+            train = {} if skipped else {"train/loss": loss, "train/grad_norm": grad_norm,
+                                        "train/perplexity": math.exp(min(loss, 50))}
+            self.monitor.scalars(done, {**train, "train/lr": lr,
+                                        "train/skipped_steps": float(self.skips.total),
+                                        "train/samples": float(done * t.batch_size),
+                                        "perf/tokens_per_s": tokens_per_s,
+                                        "perf/step_time_s": seconds, **memory_scalars()})
+        self.monitor.progress(done, loss, tokens_per_s)
+
+    def run_eval(self, done: int) -> None:
+        self.eval_loss = evaluate(self.engine, self.corpus.eval, self.exp.eval.batch_size)
+        ppl = math.exp(min(self.eval_loss, 50))
+        self.monitor.scalars(done, {"eval/loss": self.eval_loss, "eval/perplexity": ppl})
+        self.monitor.text(f"step {done}: eval loss {self.eval_loss:.4f} perplexity {ppl:.2f}")
+
+    # ---- cleanup -------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        self.summary["peak_rss_mb_per_rank"] = comm.all_gather_objects(memory_scalars()["mem/rss_mb"])
+        self.monitor.close()
+        if self.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        self.engine.destroy()
+        comm.shutdown()
+
+
+def run(exp: ExperimentConfig, resume: bool = False, build: Builder | None = None) -> dict[str, Any]:
+    """Train `exp` (setup, train, cleanup); returns the summary on every rank."""
+    training = TrainingRun(exp, resume, build)
+    training.setup()
+    summary = training.train()
+    training.cleanup()
     return summary
-
-
-def _finish(engine, monitor, out: Path, summary: dict, rank: int) -> None:
-    summary["peak_rss_mb_per_rank"] = all_gather_objects(memory_scalars()["mem/rss_mb"])
-    monitor.close()
-    if rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    engine.destroy()
-    dist.barrier()
-    dist.destroy_process_group()  # a clean exit: no gloo threads left to abort the process

@@ -1,25 +1,56 @@
-"""The only module that knows about ZeRO-3 partitioned parameters.
+"""The only code that knows about ZeRO-3 partitioned parameters and issues collectives.
 
 Under ZeRO-3 each rank holds a shard of every parameter; outside `gathered(...)` a parameter
 has shape [0] and its real shape in `ds_shape`. Everything here also works on a plain model
-(no DeepSpeed, or ZeRO stage < 3), where it does nothing special.
+(no DeepSpeed, or ZeRO stage < 3), where it does nothing special. Collectives and the device
+rule are in `comm.py`.
+
+Private DeepSpeed / transformers internals dsee-scale relies on (all read here or in the
+checkpoint reader, `dsee_scale/checkpoint/reader.py`), checked against deepspeed 0.19.x and
+transformers 5.x:
+- `param.ds_id`, `ds_shape`, `ds_numel`: ZeRO-3 parameter attributes (stage3 partitioning);
+- `deepspeed.zero.GatheredParameters(params, modifier_rank=...)` semantics for in-place edits;
+- `transformers.integrations.HfDeepSpeedConfig`: a live instance makes `from_pretrained` /
+  `from_config` build under `deepspeed.zero.Init` (held by `partitioned_loading`);
+- the ZeRO-3 checkpoint layout: `zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt` holding
+  `param_shapes`, `frozen_param_shapes`, `frozen_param_fragments`, `buffer_names`,
+  `shared_params`, `optimizer_state_dict.fp32_flat_groups` (keys from
+  `deepspeed.checkpoint.constants` where it defines them), as `zero_to_fp32.py` reads it;
+- `deepspeed.checkpoint.ds_to_universal` (run as a module) and `checkpoint.load_universal`;
+- `engine.was_step_applied()` and `get_global_grad_norm()` after a skipped (non-finite) step.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from . import comm
+
+K = TypeVar("K")
+_live_hf_configs: list[Any] = []  # HfDeepSpeedConfig objects: alive while models load partitioned
 
 
 def is_partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's real shape, also while partitioned (then its own shape is [0])."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 def full_numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
+
+
+def placement(p: torch.Tensor) -> torch.device:
+    """Where new tensors that work beside parameter `p` belong: the rank's accelerator device
+    for a partitioned parameter (its own .data is an empty placeholder), else p's device."""
+    return comm.device() if is_partitioned(p) else p.device
 
 
 @contextlib.contextmanager
@@ -36,51 +67,30 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None):
         yield
 
 
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def partitioned_loading(ds_config: dict) -> None:
+    """Make transformers build / load the next models partitioned (under zero.Init) for this
+    ZeRO-3 engine config: the HfDeepSpeedConfig object must stay alive, so it is kept here."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    _live_hf_configs[:] = [HfDeepSpeedConfig(ds_config)]
 
 
-def all_gather_objects(obj):
-    """[obj of rank 0, obj of rank 1, ...] (a list of one outside a process group)."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+def full_tensors_one_per_rank(items: Sequence[tuple[K, torch.Tensor, Callable[[], torch.Tensor]]]
+                              ) -> Iterator[tuple[int, tuple[K, torch.Tensor] | None]]:
+    """Hand out full tensors in waves of `world`: rank j gets the j-th item of each wave.
 
-
-def distributed_supports(model: nn.Module, targets, cfg, progress=None) -> dict[str, torch.Tensor]:
-    """Choose every target's support with the work spread over ranks; all ranks get all supports.
-
-    Targets go in waves of `world` targets. In a wave every rank takes part in gathering each
-    target's weight (a collective) and keeps a float32 copy of its own one only, so a rank holds
-    at most one gathered layer beyond its shard. Then each rank selects its target's support in
-    parallel with the others, and the wave's supports are exchanged.
-    """
-    from ..adapters.inject import base_layer, compute_supports, target_weight
-
-    rank, world = rank_and_world()
-    supports: dict[str, torch.Tensor] = {}
-    for start in range(0, len(targets), world):
-        wave = targets[start:start + world]
+    items: (key, the partitioned parameter, a function reading the wanted full tensor from it
+    while gathered). In a wave every rank joins each item's gather (a collective) and keeps a
+    float32 copy of its own item only, so no rank holds more than one gathered layer beyond its
+    shard. Yields (items handed out so far, this rank's (key, tensor) or None) per wave."""
+    rank, world = comm.rank_and_world()
+    for start in range(0, len(items), world):
         mine = None
-        for j, t in enumerate(wave):
-            with gathered([base_layer(model, t).weight]):
+        for j, (key, param, read) in enumerate(items[start:start + world]):
+            with gathered([param]):
                 if j == rank:
-                    mine = (t, target_weight(model, t).detach().float().clone())
-        local = {}
-        if mine is not None:
-            t, w = mine
-            local = {k: v.cpu() for k, v in compute_supports({t.key: w}, [t], cfg).items()}
-            del w
-        for part in all_gather_objects(local):
-            supports.update(part)
-        if progress is not None:
-            progress(min(start + world, len(targets)), len(targets))
-    return supports
+                    mine = (key, read().detach().float().clone())
+        yield min(start + world, len(items)), mine
 
 
 def copy_full_into(model: nn.Module, name: str, src: torch.Tensor, rank: int) -> None:
@@ -94,4 +104,4 @@ def copy_full_into(model: nn.Module, name: str, src: torch.Tensor, rank: int) ->
         if rank == 0 or not is_partitioned(target):
             if tuple(target.shape) != tuple(src.shape):
                 raise RuntimeError(f"{name}: source shape {tuple(src.shape)} != model {tuple(target.shape)}")
-            target.copy_(src.to(target.dtype))
+            target.copy_(src.to(target.device, target.dtype))

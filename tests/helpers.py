@@ -1,4 +1,4 @@
-"""Helpers for tests that run launchers/train.py: configs, real launches, a plain reference."""
+"""Test helpers: tiny random models (no hub), configs, real launches, a plain reference."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,35 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_gpt2(seed: int = 0, **kw) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=96, n_positions=64,
+               bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg.update(kw)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def tiny_llama(seed: int = 0, **kw) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
+               bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg.update(kw)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def randomize_dsee(model, seed: int = 1, scale: float = 0.1):
+    """Give B and S non-zero values so the update is visible (they start at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".dsee." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def free_port() -> int:
@@ -23,8 +50,6 @@ def free_port() -> int:
 def save_tiny_model(root: Path, kind: str, **kw) -> Path:
     """A tiny random GPT-2 / LLaMA with a 256-id vocabulary (byte tokens), saved to a dir, so
     every process of a test (and the plain reference) starts from the same weights."""
-    from conftest import tiny_gpt2, tiny_llama
-
     d = root / "-".join([f"{kind}-model", *(f"{k}{v}" for k, v in kw.items())])
     build = tiny_gpt2 if kind == "gpt2" else tiny_llama
     build(vocab_size=256, **({"n_positions": 64} if kind == "gpt2" else {}), **kw).save_pretrained(d)

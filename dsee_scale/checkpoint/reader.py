@@ -3,9 +3,15 @@
 A ZeRO-3 checkpoint written by W ranks holds, per rank r:
   zero_pp_rank_{r}_mp_rank_00_model_states.pt   buffers, frozen_param_shapes and this rank's
                                                 fragment of every frozen parameter
-  zero_pp_rank_{r}_mp_rank_00_optim_states.pt   fp32_flat_groups: this rank's partition of every
-                                                trainable parameter, back to back (fp32 masters)
-A parameter of n elements is split in W partitions of ceil(n / W) (the last one padded).
+  [bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt  fp32_flat_groups: this rank's partition
+                                                of every trainable parameter, back to back
+A parameter of n elements is split in W partitions of ceil(n / W) (the last one padded), so
+every rank's flat groups hold exactly the sum of ceil(n / W) over the trainable parameters:
+anything else is refused, as DeepSpeed's own zero_to_fp32.py refuses it.
+
+This is a private layout of DeepSpeed: file names and keys come from
+`deepspeed.checkpoint.constants` where it defines them (the rest are spelled as zero_to_fp32.py
+spells them), and it is checked against DEEPSPEED_LAYOUT below (pinned in setup.cfg).
 
 Files are opened with torch.load(mmap=True, weights_only=True) (a short allowlist of DeepSpeed's
 own classes, no arbitrary unpickling), so a tensor is read from disk only when asked for:
@@ -14,31 +20,40 @@ memory holds one parameter at a time, never the model. DeepSpeed's own
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
 
 import torch
+from deepspeed.checkpoint.constants import (BF16_ZERO_FILE_PREFIX, BUFFER_NAMES, DS_VERSION,
+                                            FP32_FLAT_GROUPS, FROZEN_PARAM_FRAGMENTS,
+                                            FROZEN_PARAM_SHAPES, MODEL_FILE_PREFIX,
+                                            MODEL_FILE_SUFFIX, OPTIM_FILE_SUFFIX,
+                                            OPTIMIZER_STATE_DICT, PARAM_SHAPES, ZERO_FILE_PREFIX,
+                                            ZERO_STAGE)
 
 from ..errors import UserError
+from . import format as fmt
 
-MODEL_FILE = "zero_pp_rank_{}_mp_rank_00_model_states.pt"
-OPTIM_FILE = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"  # "bf16_" in front for bf16 runs
+DEEPSPEED_LAYOUT = ">=0.19,<0.20"  # the DeepSpeed versions whose checkpoint layout this reads
+MODULE, SHARED_PARAMS = "module", "shared_params"  # keys zero_to_fp32.py spells out too
+
+
+def model_file(rank: int) -> str:
+    return f"{ZERO_FILE_PREFIX}{rank}_{MODEL_FILE_PREFIX}00{MODEL_FILE_SUFFIX}"
+
+
+def optim_file(rank: int, bf16: bool) -> str:
+    prefix = BF16_ZERO_FILE_PREFIX if bf16 else ZERO_FILE_PREFIX
+    return f"{prefix}{rank}_{MODEL_FILE_PREFIX}00{OPTIM_FILE_SUFFIX}"
 
 
 def _safe_load(path: Path):
     """torch.load with weights_only=True; DeepSpeed's enum / loss-scaler classes allowed."""
-    allowed = []
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
 
-        allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
-    except ImportError:  # reading still works for files without those objects
-        pass
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a forbidden object ...
         raise UserError(f"checkpoint file {str(path)!r} cannot be read "
@@ -48,40 +63,35 @@ def _safe_load(path: Path):
 class ZeroCheckpoint:
     def __init__(self, ckpt_dir: str | Path, tag: str | None = None):
         root = Path(ckpt_dir)
-        if (root / "latest").is_file() or any(root.glob("step_*")):
+        if (root / fmt.LATEST).is_file() or fmt.tags(root):
             if tag is None:
-                if not (root / "latest").is_file():
-                    raise UserError(f"{str(root)!r} has no 'latest' file; pass --tag "
-                                    f"(available: {', '.join(self._tags(root)) or 'none'})")
-                tag = (root / "latest").read_text().strip()
+                if not (root / fmt.LATEST).is_file():
+                    raise UserError(f"{str(root)!r} has no '{fmt.LATEST}' file; pass --tag "
+                                    f"(available: {', '.join(fmt.tags(root)) or 'none'})")
+                tag = (root / fmt.LATEST).read_text().strip()
             d = root / tag
         else:  # given the tag directory itself
             d, tag = root, root.name
         if not d.is_dir():
             raise UserError(f"checkpoint tag {tag!r} not found in {str(root)!r} "
-                            f"(available: {', '.join(self._tags(root)) or 'none'})")
+                            f"(available: {', '.join(fmt.tags(root)) or 'none'})")
         self.dir, self.tag = d, tag
-        from ..training.checkpoint import verify_manifest
-
-        verify_manifest(d)  # files, sizes, checksums as written, when the checkpoint has a manifest
-        meta = d / "dsee_meta.json"
-        self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
-        model_files = sorted(d.glob(MODEL_FILE.format("*")))
-        if not model_files:
-            raise UserError(f"{str(d)!r} holds no DeepSpeed model-state files ({MODEL_FILE.format('N')})")
-        world = self.meta.get("world_size", len(model_files))
-        optim_file = ("bf16_" + OPTIM_FILE) if list(d.glob("bf16_" + OPTIM_FILE.format("*"))) else OPTIM_FILE
+        fmt.verify_manifest(d)  # files, sizes, checksums as written
+        self.meta = fmt.read_meta(d)
+        world = self.meta["world_size"]
+        bf16 = (d / optim_file(0, bf16=True)).is_file()
         for r in range(world):
-            for pattern in (MODEL_FILE, optim_file):
-                if not (d / pattern.format(r)).is_file():
+            for name in (model_file(r), optim_file(r, bf16)):
+                if not (d / name).is_file():
                     raise UserError(f"checkpoint {str(d)!r} was written by {world} ranks but "
-                                    f"{pattern.format(r)} is missing")
-        self.world, self.optim_file = world, optim_file
+                                    f"{name} is missing")
+        self.world, self.bf16 = world, bf16
         self._open()
         ms = self.model_states[0]
-        self.frozen_shapes = dict(ms.get("frozen_param_shapes") or {})
+        self.ds_version = str(ms.get(DS_VERSION, "unknown"))
+        self.frozen_shapes = dict(ms.get(FROZEN_PARAM_SHAPES) or {})
         self.trainable_shapes: dict[str, torch.Size] = {}
-        for group in ms["param_shapes"]:
+        for group in ms[PARAM_SHAPES]:
             self.trainable_shapes.update(group)
         self.offsets: dict[str, int] = {}
         offset = 0
@@ -89,25 +99,33 @@ class ZeroCheckpoint:
             self.offsets[name] = offset
             offset += math.ceil(shape.numel() / world)
         for r in range(world):
-            if self.flat[r].numel() < offset:
-                raise UserError(f"{optim_file.format(r)} in {str(d)!r} holds {self.flat[r].numel()} "
+            if self.flat[r].numel() != offset:
+                raise UserError(f"{optim_file(r, bf16)} in {str(d)!r} holds {self.flat[r].numel()} "
                                 f"trainable values, {offset} expected: truncated or mismatched")
-        self.buffer_names = list(ms.get("buffer_names", []))
-        self.shared = dict(ms.get("shared_params") or {})  # alias -> name
-        self.order = [k for k in ms["module"] if k not in self.shared]
+        for name, shape in self.frozen_shapes.items():
+            part = math.ceil(shape.numel() / world)
+            for r, rank_states in enumerate(self.model_states):
+                fragment = rank_states[FROZEN_PARAM_FRAGMENTS].get(name)
+                if fragment is None or fragment.numel() != part:
+                    raise UserError(f"{model_file(r)} in {str(d)!r}: the frozen fragment of {name} "
+                                    f"holds {None if fragment is None else fragment.numel()} "
+                                    f"values, {part} expected: truncated or mismatched")
+        self.buffer_names = list(ms.get(BUFFER_NAMES, []))
+        self.shared = dict(ms.get(SHARED_PARAMS) or {})  # alias -> name
+        self.order = [k for k in ms[MODULE] if k not in self.shared]
 
     def _open(self) -> None:
         """Map every rank's files (again): pages read so far are let go with the old maps."""
-        d, world, optim_file = self.dir, self.world, self.optim_file
-        self.model_states = [_safe_load(d / MODEL_FILE.format(r)) for r in range(world)]
-        stage = self.model_states[0].get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
-        if int(stage) != 3:
+        d, world = self.dir, self.world
+        self.model_states = [_safe_load(d / model_file(r)) for r in range(world)]
+        optim = [_safe_load(d / optim_file(r, self.bf16)) for r in range(world)]
+        stage = int(optim[0][OPTIMIZER_STATE_DICT].get(ZERO_STAGE, 0))
+        if stage != 3:
             raise UserError(f"{str(d)!r} is a ZeRO stage {stage} checkpoint; this reader streams "
                             "stage 3 (use DeepSpeed's zero_to_fp32.py for others)")
-        optim = [_safe_load(d / optim_file.format(r)) for r in range(world)]
         self.flat = []  # per rank: one flat fp32 tensor of all its trainable partitions
-        for r, o in enumerate(optim):
-            groups = o["optimizer_state_dict"]["fp32_flat_groups"]
+        for o in optim:
+            groups = o[OPTIMIZER_STATE_DICT][FP32_FLAT_GROUPS]
             self.flat.append(groups[0] if len(groups) == 1 else torch.cat(groups))
 
     def release(self) -> None:
@@ -115,19 +133,9 @@ class ZeroCheckpoint:
         resident memory stays near one shard instead of growing to the whole checkpoint."""
         self._open()
 
-    @staticmethod
-    def _tags(root: Path) -> list[str]:
-        return sorted((p.name for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)),
-                      key=lambda t: int(t.split("_")[1]))
-
     def experiment(self) -> dict:
         """The experiment.yaml that dsee-scale saved beside the shards."""
-        import yaml
-
-        path = self.dir / "experiment.yaml"
-        if not path.is_file():
-            raise UserError(f"{str(self.dir)!r} has no experiment.yaml: not a dsee-scale checkpoint")
-        return yaml.safe_load(path.read_text())
+        return fmt.read_experiment(self.dir)
 
     def names(self) -> list[str]:
         """All tensor names (parameters and buffers) in the model's order, aliases left out."""
@@ -148,14 +156,14 @@ class ZeroCheckpoint:
             return torch.cat(pieces).narrow(0, 0, shape.numel()).view(shape).clone()
         if name in self.frozen_shapes:
             shape = self.frozen_shapes[name]
-            frags = [ms["frozen_param_fragments"][name] for ms in self.model_states]
+            frags = [ms[FROZEN_PARAM_FRAGMENTS][name] for ms in self.model_states]
             return torch.cat(frags).narrow(0, 0, shape.numel()).view(shape).clone()
-        if name in self.model_states[0]["module"]:
-            return self.model_states[0]["module"][name].clone()  # a buffer
+        if name in self.model_states[0][MODULE]:
+            return self.model_states[0][MODULE][name].clone()  # a buffer
         raise KeyError(name)
 
     def dsee_delta(self, prefix: str, cfg):
-        """The trained update at `prefix` (e.g. 'model.layers.0.self_attn.q_proj.dsee.full')."""
+        """The trained update at `prefix` (adapters.layer.delta_name(layer, slice))."""
         from ..adapters.delta import SparseLowRankDelta
 
         A, B = self.tensor(f"{prefix}.lora_A"), self.tensor(f"{prefix}.lora_B")
@@ -171,5 +179,5 @@ class ZeroCheckpoint:
         if name in self.trainable_shapes:
             return torch.float32
         if name in self.frozen_shapes:
-            return self.model_states[0]["frozen_param_fragments"][name].dtype
-        return self.model_states[0]["module"][name].dtype
+            return self.model_states[0][FROZEN_PARAM_FRAGMENTS][name].dtype
+        return self.model_states[0][MODULE][name].dtype

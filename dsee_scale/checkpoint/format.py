@@ -1,0 +1,146 @@
+"""The on-disk format of a dsee-scale run's checkpoints: names, tags, manifest, layer layout.
+
+    <output_dir>/checkpoints/
+        latest                       tag of the newest COMPLETE checkpoint (written last, atomically)
+        step_<N>/                    engine.save_checkpoint(tag="step_<N>"): ZeRO-3 shards per rank
+            zero_pp_rank_<r>_mp_rank_00_model_states.pt   (DeepSpeed's; reader.py reads them)
+            [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt
+            dsee_meta.json           step, world size, tag, DSEE layer layout
+            dsee_supports.safetensors  the supports Omega (identical on every rank)
+            experiment.yaml          the experiment that wrote it
+            manifest.json            every file's size and sha256 (written last but `latest`)
+        step_<N>_universal/          made on demand to resume on another number of ranks
+
+training/ writes it (checkpoint.py), export/ and pruning/ read it (reader.py); nobody else
+spells these names.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal, TypedDict
+
+import yaml
+
+from ..errors import UserError
+
+LATEST = "latest"
+META = "dsee_meta.json"
+SUPPORTS = "dsee_supports.safetensors"
+EXPERIMENT = "experiment.yaml"
+MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"  # under output_dir
+CLIENT_STEP = "step"  # keys of DeepSpeed's client_state in each rank's model-states file
+CLIENT_RNG = "dsee_rng"
+
+
+class LayerInfo(TypedDict):
+    kind: Literal["linear", "conv1d"]  # how the base weight is stored (Conv1D: in x out)
+    slices: dict[str, list[int]]  # targeted slice -> [lo, hi) output rows
+
+
+LayerLayout = dict[str, LayerInfo]  # DSEE layer name -> its layout
+
+
+class Meta(TypedDict):
+    step: int
+    world_size: int
+    tag: str
+    dsee_layers: LayerLayout
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step}"
+
+
+def universal_tag(tag: str) -> str:
+    return f"{tag}_universal"
+
+
+def tags(root: Path) -> list[str]:
+    """The step_N checkpoint directories under root, oldest first."""
+    found = [p.name for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)]
+    return sorted(found, key=lambda t: int(t.split("_")[1]))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def layer_layout(model) -> LayerLayout:
+    """For each DSEE layer: its base kind (linear / conv1d) and targeted slices, so an export
+    can merge without building the model."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ..adapters import DSEELayer
+
+    out: LayerLayout = {}
+    for name, m in model.named_modules():
+        if isinstance(m, DSEELayer):
+            out[name] = {"kind": "conv1d" if isinstance(m.base_layer, Conv1D) else "linear",
+                         "slices": {s: list(m.bounds(s)) for s in m.dsee}}
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(d: Path) -> None:
+    """Files, sizes and sha256 of a complete checkpoint directory."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
+    write_atomic(d / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def manifest_problem(d: Path) -> str | None:
+    """Why checkpoint d is not intact (a file missing, truncated or changed), or None."""
+    path = d / MANIFEST
+    if not path.is_file():
+        return f"{MANIFEST} is missing (the save did not finish)"
+    for name, want in json.loads(path.read_text())["files"].items():
+        f = d / name
+        if not f.is_file():
+            return f"{name} is missing (listed in {MANIFEST})"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, {want['bytes']} expected (truncated or replaced)"
+        if sha256_file(f) != want["sha256"]:
+            return f"{name} does not match its checksum (corrupt)"
+    return None
+
+
+def verify_manifest(d: Path) -> None:
+    """Refuse a checkpoint whose files are missing, truncated or changed since it was written."""
+    problem = manifest_problem(d)
+    if problem is not None:
+        raise UserError(f"checkpoint {str(d)!r}: {problem}")
+
+
+def read_meta(d: Path) -> Meta:
+    path = d / META
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(d)!r} is incomplete (no {META})")
+    return json.loads(path.read_text())
+
+
+def read_experiment(d: Path) -> dict:
+    """The experiment (as a plain dict) that wrote checkpoint d."""
+    path = d / EXPERIMENT
+    if not path.is_file():
+        raise UserError(f"{str(d)!r} has no {EXPERIMENT}: not a dsee-scale checkpoint")
+    return yaml.safe_load(path.read_text())

@@ -1,0 +1,106 @@
+"""The process group, the device rule and every collective dsee-scale issues.
+
+Device rule: every tensor that enters a collective, or the DeepSpeed engine, lives on the
+accelerator's current device, `device()` = DeepSpeed's
+`get_accelerator().current_device_name()`: `cuda:<local rank>` on GPUs, where NCCL refuses CPU
+tensors, and `cpu` on DeepSpeed's CPU accelerator (gloo). `init()` selects that device from
+the local rank BEFORE the process group exists, so NCCL, torch's object collectives (they
+stage their bytes on the current CUDA device) and the DeepSpeed engine all agree on it.
+
+Callers pass Python values (or tensors on any device) to the helpers below and get CPU values
+back; the moves happen here and nowhere else. No other module calls torch.distributed
+collectives (tests/test_architecture.py checks it). Outside a process group (one process, no
+launcher) every helper does the single-process thing.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+
+
+def device() -> torch.device:
+    """The accelerator device of this rank (where engine inputs and collectives live)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def init(local_rank: int, master_port: int, timeout_s: int) -> tuple[int, int]:
+    """Select this rank's device, then bring up the process group (DeepSpeed picks nccl on
+    CUDA, gloo on its CPU accelerator). Returns (rank, world size)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)  # before any collective: see the module docstring
+    try:
+        deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout_s))
+    except dist.DistNetworkError as e:
+        if "listen" in str(e) or "address already in use" in str(e).lower():
+            raise UserError(f"master port {master_port} is already in use; pick another with "
+                            "`deepspeed --master_port N` (or MASTER_PORT=N for python / srun "
+                            "launches)") from None
+        raise
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sum_over_ranks(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks of a short vector, as float64 on the CPU."""
+    t = torch.as_tensor(values, dtype=torch.float64).to(device())
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of one number over ranks (every rank gets it)."""
+    return float(sum_over_ranks([value])[0]) / rank_and_world()[1]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects; a list of one outside a group)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s obj, on every rank."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if rank_and_world()[1] == 1:
+        return
+    d = device()
+    if d.type == "cuda":  # tell NCCL which device: it otherwise guesses from the rank
+        dist.barrier(device_ids=[d.index if d.index is not None else torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (no gloo / NCCL threads left to abort the exit)."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
