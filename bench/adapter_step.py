@@ -7,6 +7,7 @@ Steps alternate DSEE / LoRA so machine noise hits both alike; the ratio is of me
 Memory: trainable parameters, optimizer-state bytes (AdamW: exp_avg + exp_avg_sq) and the bytes
 autograd saves for backward in one step (activations), counted exactly with saved-tensor hooks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,22 +73,28 @@ def main() -> None:
     t0 = time.perf_counter()
     targets = inject(dsee, dsee_cfg)
     inject_s = time.perf_counter() - t0
-    lora = get_peft_model(copy.deepcopy(base), LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])).train()
+    lora = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    ).train()
     del base
 
     models = {"dsee": dsee, "lora": lora}
-    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4,
-                                 weight_decay=0.0) for k, m in models.items()}
+    opts = {
+        k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+        for k, m in models.items()
+    }
     act = {k: saved_bytes(m, ids) for k, m in models.items()}
     for k in models:  # warm-up (allocator, optimizer state)
         step(models[k], opts[k], ids)
     times = {k: [] for k in models}
     for i in range(args.steps):
-        for k in (("dsee", "lora") if i % 2 == 0 else ("lora", "dsee")):
+        for k in ("dsee", "lora") if i % 2 == 0 else ("lora", "dsee"):
             times[k].append(step(models[k], opts[k], ids))
-        print(f"step {i + 1}/{args.steps}: dsee {times['dsee'][-1]:.3f}s  lora {times['lora'][-1]:.3f}s",
-              flush=True)
+        print(
+            f"step {i + 1}/{args.steps}: dsee {times['dsee'][-1]:.3f}s  lora {times['lora'][-1]:.3f}s",
+            flush=True,
+        )
 
     med = {k: statistics.median(v) for k, v in times.items()}
     trainable = {k: trainable_parameter_count(m) for k, m in models.items()}
@@ -95,14 +102,17 @@ def main() -> None:
     n_targets = len(targets)
     result = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
-        "batch": [args.batch, args.seq], "dtype": "float32", "timed_steps": args.steps,
+        "batch": [args.batch, args.seq],
+        "dtype": "float32",
+        "timed_steps": args.steps,
         "dsee": {"r": 8, "alpha": 16, "num_sparse": 64, "targets": n_targets, "support": "grebsmo"},
         "lora": {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
-        "step_seconds_median": med, "step_seconds_all": times,
+        "step_seconds_median": med,
+        "step_seconds_all": times,
         "step_time_ratio_dsee_over_lora": med["dsee"] / med["lora"],
         "trainable_parameters": trainable,
-        "trainable_excess_over_lora_plus_N_per_matrix":
-            trainable["dsee"] - (trainable["lora"] + 64 * n_targets),
+        "trainable_excess_over_lora_plus_N_per_matrix": trainable["dsee"]
+        - (trainable["lora"] + 64 * n_targets),
         "optimizer_state_bytes": opt_bytes,
         "optimizer_state_ratio_dsee_over_lora": opt_bytes["dsee"] / opt_bytes["lora"],
         "saved_activation_bytes_per_step": act,
@@ -110,9 +120,11 @@ def main() -> None:
         "dsee_inject_seconds_including_support_selection": inject_s,
         "process_peak_rss_mb": peak_rss_mb(),
     }
-    print(f"DSEE/LoRA step time: {result['step_time_ratio_dsee_over_lora']:.3f} "
-          f"(dsee {med['dsee']:.3f}s, lora {med['lora']:.3f}s); trainable {trainable}; "
-          f"optimizer bytes {opt_bytes}; activations {act}")
+    print(
+        f"DSEE/LoRA step time: {result['step_time_ratio_dsee_over_lora']:.3f} "
+        f"(dsee {med['dsee']:.3f}s, lora {med['lora']:.3f}s); trainable {trainable}; "
+        f"optimizer bytes {opt_bytes}; activations {act}"
+    )
     write_result("adapter_step", result)
 
 

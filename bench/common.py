@@ -1,4 +1,5 @@
 """Shared bench helpers: the real model, a fixed batch of real text, and result files."""
+
 from __future__ import annotations
 
 import json
@@ -21,15 +22,21 @@ def environment() -> dict:
 
     try:
         import peft
+
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
     return {
-        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
-        "peft": peft_version, "command": command(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "deepspeed": deepspeed.__version__,
+        "peft": peft_version,
+        "command": command(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -92,8 +99,12 @@ def stdlib_corpus(tokenizer, block: int = 256):
 
 def optimizer_bytes(opt) -> int:
     """Bytes of optimizer state tensors (AdamW: exp_avg + exp_avg_sq)."""
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if torch.is_tensor(v) and v.dim() > 0)
+    return sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
 
 
 def tune(model, batches, steps: int, lr: float, log_every: int = 0) -> dict:
@@ -125,6 +136,6 @@ def perplexity(model, eval_ids: torch.Tensor, batch: int = 4) -> float:
     model.eval()
     total = 0.0
     for i in range(0, eval_ids.shape[0], batch):
-        ids = eval_ids[i:i + batch]
+        ids = eval_ids[i : i + batch]
         total += model(input_ids=ids, labels=ids).loss.item() * ids.shape[0]
     return math.exp(total / eval_ids.shape[0])

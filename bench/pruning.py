@@ -18,6 +18,7 @@ Data: the framework's packed blocks of the standard library (bench.common.stdlib
 x 256; held-out perplexity: mean token loss over `--eval-blocks` held-out blocks of 256 tokens
 (stride 256, no overlap), exponentiated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import perplexity, smollm2, stdlib_corpus, tune, write_result  # noqa: E402
 from dsee_scale.adapters import DSEEConfig, inject, merge_and_unload  # noqa: E402
-from dsee_scale.pruning import (apply_plan, channel_scores, collect_activations, head_scores,  # noqa: E402
-                                make_plan)
+from dsee_scale.pruning import apply_plan, channel_scores, collect_activations, head_scores, make_plan  # noqa: E402
 from dsee_scale.pruning import unstructured as U  # noqa: E402
 
 BLOCK = 256
@@ -59,10 +59,14 @@ def main() -> None:
     ap.add_argument("--eval-blocks", type=int, default=48)
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="unstructured sparsities")
     ap.add_argument("--speed-rounds", type=int, default=3, help="alternating dense / pruned timings")
-    ap.add_argument("--channel-fractions", default="0.125,0.25,0.5",
-                    help="MLP channel shares removed in the channels-only structured runs")
-    ap.add_argument("--only", choices=["unstructured", "structured"],
-                    help="run one part (written to pruning_<part>.json)")
+    ap.add_argument(
+        "--channel-fractions",
+        default="0.125,0.25,0.5",
+        help="MLP channel shares removed in the channels-only structured runs",
+    )
+    ap.add_argument(
+        "--only", choices=["unstructured", "structured"], help="run one part (written to pruning_<part>.json)"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -71,11 +75,17 @@ def main() -> None:
     base, tok = smollm2()
     corpus = stdlib_corpus(tok, BLOCK)
     train = [micro_batch(corpus.train, s, 0, 0, 1, 4, 4, seed=0) for s in range(args.tune_steps)]
-    eval_ids = corpus.eval[:args.eval_blocks]
+    eval_ids = corpus.eval[: args.eval_blocks]
     calib = train[:4]
-    res = {"model": "SmolLM2-135M-Instruct (fp32)", "block": BLOCK, "eval_blocks": args.eval_blocks,
-           "eval_stride": BLOCK,
-           "tune_steps": args.tune_steps, "retune_steps": args.retune_steps, "batch": [4, BLOCK]}
+    res = {
+        "model": "SmolLM2-135M-Instruct (fp32)",
+        "block": BLOCK,
+        "eval_blocks": args.eval_blocks,
+        "eval_stride": BLOCK,
+        "tune_steps": args.tune_steps,
+        "retune_steps": args.retune_steps,
+        "batch": [4, BLOCK],
+    }
     res["base_perplexity"] = perplexity(base, eval_ids)
     print(f"base ppl {res['base_perplexity']:.3f}", flush=True)
 
@@ -92,12 +102,14 @@ def main() -> None:
         res["head_scores_dsee"] = head_scores(model, "dsee").tolist()  # (layers, q heads)
         res["structured"] = {
             "dsee_heads+weight_channels": structured(model, train, eval_ids, args, "dsee", "weight", None),
-            "activation_heads+activation_channels": structured(model, train, eval_ids, args,
-                                                               "activation", "activation", acts),
+            "activation_heads+activation_channels": structured(
+                model, train, eval_ids, args, "activation", "activation", acts
+            ),
         }
         for frac in map(float, args.channel_fractions.split(",")):
             res["structured"][f"activation_channels_only@{frac}"] = structured(
-                model, train, eval_ids, args, None, "activation", acts, frac)
+                model, train, eval_ids, args, None, "activation", acts, frac
+            )
     write_result("pruning" + (f"_{args.only}" if args.only else ""), res)
 
 
@@ -114,17 +126,23 @@ def unstructured(model, train, eval_ids, calib, args) -> dict:
             tune(m, train[: args.retune_steps], args.retune_steps, 2e-4)
             row["retuned_ppl"] = perplexity(m, eval_ids)
             rep = U.sparsity_report(layers)
-            row.update(weight_sparsity=rep["weight_sparsity"], merged_sparsity=rep["merged_sparsity"],
-                       per_matrix_weight_sparsity={k: v["weight"] for k, v in rep["per_matrix"].items()})
+            row.update(
+                weight_sparsity=rep["weight_sparsity"],
+                merged_sparsity=rep["merged_sparsity"],
+                per_matrix_weight_sparsity={k: v["weight"] for k, v in rep["per_matrix"].items()},
+            )
             out[f"{score}@{ratio}"] = row
-            print(f"{score}@{ratio}: pruned {row['pruned_ppl']:.3f} retuned {row['retuned_ppl']:.3f}",
-                  flush=True)
+            print(
+                f"{score}@{ratio}: pruned {row['pruned_ppl']:.3f} retuned {row['retuned_ppl']:.3f}",
+                flush=True,
+            )
             del m
     return out
 
 
-def structured(model, train, eval_ids, args, head_score, channel_score, acts,
-               channel_fraction: float = 0.25) -> dict:
+def structured(
+    model, train, eval_ids, args, head_score, channel_score, acts, channel_fraction: float = 0.25
+) -> dict:
     """1 of 3 q heads per kv group (if head_score) and `channel_fraction` of MLP channels."""
     s = copy.deepcopy(model)
     H, KV = s.config.num_attention_heads, s.config.num_key_value_heads
@@ -133,11 +151,18 @@ def structured(model, train, eval_ids, args, head_score, channel_score, acts,
     n_ch = int(inter * channel_fraction)
     plan = make_plan(s, hs, 1 if head_score else 0, channel_scores(s, channel_score, acts), n_ch)
     apply_plan(s, plan)
-    st = {"removed": (f"1 of {H // KV} q heads per kv group ({H} -> {s.config.num_attention_heads}), "
-                      if head_score else "no heads, ") + f"{n_ch} of {inter} MLP channels",
-          "channel_fraction": channel_fraction,
-          "head_score": head_score, "channel_score": channel_score,
-          "pruned_ppl": perplexity(s, eval_ids)}
+    st = {
+        "removed": (
+            f"1 of {H // KV} q heads per kv group ({H} -> {s.config.num_attention_heads}), "
+            if head_score
+            else "no heads, "
+        )
+        + f"{n_ch} of {inter} MLP channels",
+        "channel_fraction": channel_fraction,
+        "head_score": head_score,
+        "channel_score": channel_score,
+        "pruned_ppl": perplexity(s, eval_ids),
+    }
     tune(s, train[: args.retune_steps], args.retune_steps, 2e-4)
     st["retuned_ppl"] = perplexity(s, eval_ids)
     dense = copy.deepcopy(model)
@@ -153,8 +178,11 @@ def structured(model, train, eval_ids, args, head_score, channel_score, acts,
     st["forward_tokens_per_s"] = {k: statistics.median(v) for k, v in speeds.items()}
     st["speedup"] = st["forward_tokens_per_s"]["pruned"] / st["forward_tokens_per_s"]["dense"]
     st["speed_target"] = 1.25
-    print(f"structured {st['removed']}: {st['pruned_ppl']:.3f} -> {st['retuned_ppl']:.3f}, "
-          f"{st['speedup']:.3f}x", flush=True)
+    print(
+        f"structured {st['removed']}: {st['pruned_ppl']:.3f} -> {st['retuned_ppl']:.3f}, "
+        f"{st['speedup']:.3f}x",
+        flush=True,
+    )
     return st
 
 

@@ -15,6 +15,7 @@ modules' blocks (block 256, stride 256, no overlap). Methods:
                 >= DSEE's (alpha = 2r, the same scale; lr 4e-4)
 Each method runs in its own process, so its peak RSS is its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import peak_rss_mb, perplexity, smollm2, stdlib_corpus, tune, write_result  # noqa: E402
 
-METHODS = ["base", "full", "lora_r8", "dsee_grebsmo", "dsee_svd", "dsee_magnitude", "dsee_random",
-           "lora_matched"]
+METHODS = [
+    "base",
+    "full",
+    "lora_r8",
+    "dsee_grebsmo",
+    "dsee_svd",
+    "dsee_magnitude",
+    "dsee_random",
+    "lora_matched",
+]
 TARGETS = ["q_proj", "v_proj"]
 DSEE = dict(r=8, alpha=16, num_sparse=64)
 LR = {"full": 2e-5}
@@ -43,8 +52,9 @@ BATCH, BLOCK = 4, 256
 
 
 def target_matrices(model) -> list[torch.nn.Linear]:
-    return [m for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS]
+    return [
+        m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in TARGETS
+    ]
 
 
 def lora_rank_matching(model, dsee_trainable: int) -> int:
@@ -55,8 +65,9 @@ def lora_rank_matching(model, dsee_trainable: int) -> int:
 
 def dsee_trainable_count(model) -> int:
     """DSEE's trainable count on TARGETS without building it: r (in + out) + N per matrix."""
-    return sum(DSEE["r"] * (m.in_features + m.out_features) + DSEE["num_sparse"]
-               for m in target_matrices(model))
+    return sum(
+        DSEE["r"] * (m.in_features + m.out_features) + DSEE["num_sparse"] for m in target_matrices(model)
+    )
 
 
 def prepare(method: str, model, seed: int = 0):
@@ -88,29 +99,46 @@ def run_method(method: str, steps: int, eval_blocks: int, seed: int = 0) -> dict
     batches = [micro_batch(corpus.train, s, 0, 0, 1, BATCH, BATCH, seed=0) for s in range(steps)]
     eval_ids = corpus.eval[:eval_blocks]
     if method == "base":
-        return {"method": method, "description": "no tuning", "trainable_parameters": 0,
-                "heldout_perplexity": perplexity(model, eval_ids), "peak_rss_mb": peak_rss_mb()}
+        return {
+            "method": method,
+            "description": "no tuning",
+            "trainable_parameters": 0,
+            "heldout_perplexity": perplexity(model, eval_ids),
+            "peak_rss_mb": peak_rss_mb(),
+        }
     for p in model.parameters():
         p.requires_grad_(False)
     model, desc = prepare(method, model, seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{method}: {desc}, {trainable:,} trainable", flush=True)
     t = tune(model, batches, steps, LR.get(method, ADAPTER_LR), log_every=10)
-    return {"method": method, "description": desc, "trainable_parameters": trainable,
-            "lr": LR.get(method, ADAPTER_LR), "train_losses": t["losses"],
-            "step_seconds_median": statistics.median(t["step_seconds"][1:] or t["step_seconds"]),
-            "optimizer_state_bytes": t["optimizer_state_bytes"],
-            "heldout_perplexity": perplexity(model, eval_ids), "peak_rss_mb": peak_rss_mb()}
+    return {
+        "method": method,
+        "description": desc,
+        "trainable_parameters": trainable,
+        "lr": LR.get(method, ADAPTER_LR),
+        "train_losses": t["losses"],
+        "step_seconds_median": statistics.median(t["step_seconds"][1:] or t["step_seconds"]),
+        "optimizer_state_bytes": t["optimizer_state_bytes"],
+        "heldout_perplexity": perplexity(model, eval_ids),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-blocks", type=int, default=48)
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    ap.add_argument("--seed", type=int, default=0,
-                    help="adapter initialisation seed (and DSEE's random support); the data are the same; "
-                    "seed > 0 writes quality_seed<N>.json")
+    ap.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="adapter initialisation seed (and DSEE's random support); the data are the same; "
+        "seed > 0 writes quality_seed<N>.json",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run this method, JSON to --to
     ap.add_argument("--to", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -120,8 +148,9 @@ def main() -> None:
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        print(f"error: --methods: unknown {', '.join(unknown)} (allowed: {', '.join(METHODS)})",
-              file=sys.stderr)
+        print(
+            f"error: --methods: unknown {', '.join(unknown)} (allowed: {', '.join(METHODS)})", file=sys.stderr
+        )
         sys.exit(2)
 
     rows = {}
@@ -130,18 +159,43 @@ def main() -> None:
             print(f"[{i + 1}/{len(methods)}] {m} ({args.steps} steps)", flush=True)
             to = Path(tmp) / f"{m}.json"
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--one", m, "--to", str(to), "--steps",
-                            str(args.steps), "--eval-blocks", str(args.eval_blocks), "--seed", str(args.seed)],
-                           check=True, env=dict(os.environ))
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    m,
+                    "--to",
+                    str(to),
+                    "--steps",
+                    str(args.steps),
+                    "--eval-blocks",
+                    str(args.eval_blocks),
+                    "--seed",
+                    str(args.seed),
+                ],
+                check=True,
+                env=dict(os.environ),
+            )
             rows[m] = json.loads(to.read_text())
             rows[m]["wall_seconds"] = time.perf_counter() - t0
             print(f"  -> held-out perplexity {rows[m]['heldout_perplexity']:.3f}", flush=True)
-    result = {"model": "SmolLM2-135M-Instruct (GGUF dequantized to fp32)",
-              "data": "Python standard library, packed blocks; train modules / held-out modules",
-              "batch": [BATCH, BLOCK], "steps": args.steps, "seed": args.seed, "tokens_per_method": args.steps * BATCH * BLOCK,
-              "eval": {"blocks": args.eval_blocks, "block_size": BLOCK, "stride": BLOCK,
-                       "tokens": args.eval_blocks * BLOCK},
-              "methods": rows, "aims": aims(rows)}
+    result = {
+        "model": "SmolLM2-135M-Instruct (GGUF dequantized to fp32)",
+        "data": "Python standard library, packed blocks; train modules / held-out modules",
+        "batch": [BATCH, BLOCK],
+        "steps": args.steps,
+        "seed": args.seed,
+        "tokens_per_method": args.steps * BATCH * BLOCK,
+        "eval": {
+            "blocks": args.eval_blocks,
+            "block_size": BLOCK,
+            "stride": BLOCK,
+            "tokens": args.eval_blocks * BLOCK,
+        },
+        "methods": rows,
+        "aims": aims(rows),
+    }
     write_result("quality" + (f"_seed{args.seed}" if args.seed else ""), result)
     for k, v in result["aims"].items():
         print(f"{k}: {v}")

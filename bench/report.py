@@ -5,6 +5,7 @@
 Only what the JSON files hold is reported; a missing benchmark is listed as not run. Each
 figure and table names the machine, the library versions and the exact command that made it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,11 @@ MATRICES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 def provenance(res: dict) -> str:
     e = res.get("environment", {})
-    return (f"{e.get('cpus')} CPUs {e.get('machine')}, torch {e.get('torch')}, deepspeed "
-            f"{e.get('deepspeed')}, transformers {e.get('transformers')}, peft {e.get('peft')}; "
-            f"{e.get('date')}; `{e.get('command')}`")
+    return (
+        f"{e.get('cpus')} CPUs {e.get('machine')}, torch {e.get('torch')}, deepspeed "
+        f"{e.get('deepspeed')}, transformers {e.get('transformers')}, peft {e.get('peft')}; "
+        f"{e.get('date')}; `{e.get('command')}`"
+    )
 
 
 def fig_footer(fig, res: dict) -> None:
@@ -35,6 +38,7 @@ def table(header: list[str], rows: list[list]) -> str:
         if isinstance(v, int):
             return f"{v:,}"
         return "" if v is None else str(v)
+
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -77,16 +81,39 @@ class Report:
             self.add("Not run (`python bench/quality.py`).")
             return
         ev = q["eval"]
-        self.add(f"{q['model']}; {q['data']}; batch {q['batch'][0]} x {q['batch'][1]}, "
-                 f"{q['steps']} steps = {q['tokens_per_method']:,} training tokens for every method; "
-                 f"held-out perplexity over {ev['blocks']} blocks of {ev['block_size']} tokens, "
-                 f"stride {ev['stride']} ({ev['tokens']:,} tokens).\n")
+        self.add(
+            f"{q['model']}; {q['data']}; batch {q['batch'][0]} x {q['batch'][1]}, "
+            f"{q['steps']} steps = {q['tokens_per_method']:,} training tokens for every method; "
+            f"held-out perplexity over {ev['blocks']} blocks of {ev['block_size']} tokens, "
+            f"stride {ev['stride']} ({ev['tokens']:,} tokens).\n"
+        )
         rows = []
         for k, m in q["methods"].items():
-            rows.append([k, m["description"], m["trainable_parameters"], m["heldout_perplexity"],
-                         m.get("optimizer_state_bytes"), m.get("step_seconds_median"), m["peak_rss_mb"]])
-        self.add(table(["method", "what", "trainable params", "held-out ppl", "optimizer state bytes",
-                        "step s (median)", "peak RSS MB"], rows))
+            rows.append(
+                [
+                    k,
+                    m["description"],
+                    m["trainable_parameters"],
+                    m["heldout_perplexity"],
+                    m.get("optimizer_state_bytes"),
+                    m.get("step_seconds_median"),
+                    m["peak_rss_mb"],
+                ]
+            )
+        self.add(
+            table(
+                [
+                    "method",
+                    "what",
+                    "trainable params",
+                    "held-out ppl",
+                    "optimizer state bytes",
+                    "step s (median)",
+                    "peak RSS MB",
+                ],
+                rows,
+            )
+        )
         self.seed_spread(q)
         tuned = {k: m for k, m in q["methods"].items() if m.get("train_losses")}
         if tuned:
@@ -94,7 +121,10 @@ class Report:
             for k, m in tuned.items():
                 ls = m["train_losses"]
                 w = min(5, len(ls))
-                smooth = [sum(ls[max(0, i - w + 1):i + 1]) / len(ls[max(0, i - w + 1):i + 1]) for i in range(len(ls))]
+                smooth = [
+                    sum(ls[max(0, i - w + 1) : i + 1]) / len(ls[max(0, i - w + 1) : i + 1])
+                    for i in range(len(ls))
+                ]
                 ax.plot(range(1, len(ls) + 1), smooth, label=k, lw=1.2)
             ax.set_xlabel("step"), ax.set_ylabel(f"train loss (moving mean of {min(5, len(ls))})")
             ax.legend(fontsize=7)
@@ -113,16 +143,29 @@ class Report:
         """Reruns with another initialisation seed (bench/quality.py --seed N): the noise floor."""
         reruns = {n: r for n, r in self.data.items() if n.startswith("quality_seed")}
         rows = []
-        for name, r in sorted(reruns.items()):
+        for _, r in sorted(reruns.items()):
             for k, m in r["methods"].items():
                 if k in q["methods"]:
                     a, b = q["methods"][k]["heldout_perplexity"], m["heldout_perplexity"]
                     rows.append([k, r["seed"], a, b, b - a, provenance(r)])
         if rows:
-            self.add("\nThe same methods, data and steps with another initialisation seed (the noise floor "
-                     "of the comparison above):\n")
-            self.add(table(["method", "seed", "ppl, seed 0", "ppl, this seed", "difference",
-                            "machine / versions / command"], rows))
+            self.add(
+                "\nThe same methods, data and steps with another initialisation seed (the noise floor "
+                "of the comparison above):\n"
+            )
+            self.add(
+                table(
+                    [
+                        "method",
+                        "seed",
+                        "ppl, seed 0",
+                        "ppl, this seed",
+                        "difference",
+                        "machine / versions / command",
+                    ],
+                    rows,
+                )
+            )
 
     def pruning(self) -> None:
         import matplotlib.pyplot as plt
@@ -132,27 +175,52 @@ class Report:
         if p is None:
             self.add("Not run (`python bench/pruning.py`).")
             return
-        self.add(f"Base held-out perplexity {p['base_perplexity']:.3f}; DSEE-tuned ({p['tune_steps']} "
-                 f"steps) {p['tuned_perplexity']:.3f}; re-tuning {p['retune_steps']} steps of A, B, S "
-                 f"with the pruned weights frozen; held-out {p['eval_blocks']} blocks of {p['block']} "
-                 f"tokens, stride {p.get('eval_stride', p['block'])}. `wabs` is DSEE's score "
-                 f"|W + update|, `magnitude` is |W|, `wanda` is |W| x ||x||.\n")
+        self.add(
+            f"Base held-out perplexity {p['base_perplexity']:.3f}; DSEE-tuned ({p['tune_steps']} "
+            f"steps) {p['tuned_perplexity']:.3f}; re-tuning {p['retune_steps']} steps of A, B, S "
+            f"with the pruned weights frozen; held-out {p['eval_blocks']} blocks of {p['block']} "
+            f"tokens, stride {p.get('eval_stride', p['block'])}. `wabs` is DSEE's score "
+            f"|W + update|, `magnitude` is |W|, `wanda` is |W| x ||x||.\n"
+        )
         un = p.get("unstructured", {})
         if un:
-            rows = [[k.split("@")[0], float(k.split("@")[1]), v["pruned_ppl"], v["retuned_ppl"],
-                     v["merged_sparsity"]] for k, v in un.items()]
-            self.add(table(["score", "weight sparsity", "pruned ppl", "re-tuned ppl",
-                            "merged-weight zero fraction"], rows))
+            rows = [
+                [
+                    k.split("@")[0],
+                    float(k.split("@")[1]),
+                    v["pruned_ppl"],
+                    v["retuned_ppl"],
+                    v["merged_sparsity"],
+                ]
+                for k, v in un.items()
+            ]
+            self.add(
+                table(
+                    ["score", "weight sparsity", "pruned ppl", "re-tuned ppl", "merged-weight zero fraction"],
+                    rows,
+                )
+            )
             fig, ax = plt.subplots(figsize=(7, 4))
             for score, c in (("magnitude", "C0"), ("wabs", "C1"), ("wanda", "C2")):
                 pts = sorted((float(k.split("@")[1]), v) for k, v in un.items() if k.startswith(score + "@"))
                 if not pts:
                     continue
                 xs = [0.0] + [x for x, _ in pts]
-                ax.plot(xs, [p["tuned_perplexity"]] + [v["pruned_ppl"] for _, v in pts], "--", c=c,
-                        label=f"{score}, pruned")
-                ax.plot(xs, [p["tuned_perplexity"]] + [v["retuned_ppl"] for _, v in pts], "-o", c=c,
-                        label=f"{score}, re-tuned", ms=3)
+                ax.plot(
+                    xs,
+                    [p["tuned_perplexity"]] + [v["pruned_ppl"] for _, v in pts],
+                    "--",
+                    c=c,
+                    label=f"{score}, pruned",
+                )
+                ax.plot(
+                    xs,
+                    [p["tuned_perplexity"]] + [v["retuned_ppl"] for _, v in pts],
+                    "-o",
+                    c=c,
+                    label=f"{score}, re-tuned",
+                    ms=3,
+                )
             ax.set_yscale("log"), ax.set_xlabel("unstructured sparsity of the block weights")
             ax.set_ylabel("held-out perplexity"), ax.legend(fontsize=7)
             self.save(fig, "ppl_vs_sparsity", p, "Held-out perplexity vs unstructured sparsity")
@@ -161,17 +229,42 @@ class Report:
         if isinstance(st, dict) and "removed" in st:  # older single-variant file
             st = {"dsee_heads+weight_channels": st}
         if st:
-            rows = [[k, v["removed"], v["pruned_ppl"], v["retuned_ppl"], v["params_pruned"],
-                     1 - v["params_pruned"] / v["params_dense"], v["speedup"]] for k, v in st.items()]
-            self.add(table(["scores", "removed per layer", "pruned ppl", "re-tuned ppl", "parameters",
-                            "parameters removed", "forward speed-up (same process)"], rows))
+            rows = [
+                [
+                    k,
+                    v["removed"],
+                    v["pruned_ppl"],
+                    v["retuned_ppl"],
+                    v["params_pruned"],
+                    1 - v["params_pruned"] / v["params_dense"],
+                    v["speedup"],
+                ]
+                for k, v in st.items()
+            ]
+            self.add(
+                table(
+                    [
+                        "scores",
+                        "removed per layer",
+                        "pruned ppl",
+                        "re-tuned ppl",
+                        "parameters",
+                        "parameters removed",
+                        "forward speed-up (same process)",
+                    ],
+                    rows,
+                )
+            )
             fig, ax = plt.subplots(figsize=(7, 4))
             for k, v in st.items():
                 x = 1 - v["params_pruned"] / v["params_dense"]
                 ax.scatter(x, v["speedup"], label=f"{k} (re-tuned ppl {v['retuned_ppl']:.3g})")
             ax.axhline(1.0, c="0.6", lw=0.8)
             ax.legend(fontsize=6, loc="lower right")
-            ax.set_xlabel("share of parameters removed (structured)"), ax.set_ylabel("forward tokens/s vs dense")
+            (
+                ax.set_xlabel("share of parameters removed (structured)"),
+                ax.set_ylabel("forward tokens/s vs dense"),
+            )
             self.save(fig, "speed_vs_sparsity", p, "Forward speed-up vs structured sparsity")
         hs = p.get("head_scores_dsee")
         if hs:
@@ -192,8 +285,13 @@ class Report:
         for ax, (score, v) in zip(axes[0], picks):
             per = v["per_matrix_weight_sparsity"]
             layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in per})
-            grid = [[next((f for n, f in per.items() if f".layers.{i}." in n and n.endswith(m)), math.nan)
-                     for m in MATRICES] for i in layers]
+            grid = [
+                [
+                    next((f for n, f in per.items() if f".layers.{i}." in n and n.endswith(m)), math.nan)
+                    for m in MATRICES
+                ]
+                for i in layers
+            ]
             im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="magma")
             ax.set_title(f"{score} @ {ratio}", fontsize=9)
             ax.set_xticks(range(len(MATRICES)), [m.split("_")[0] for m in MATRICES], fontsize=7)
@@ -206,9 +304,17 @@ class Report:
         rows = []
         a = self.data.get("adapter_step")
         if a:
-            rows.append(["DSEE / LoRA train step (SmolLM2, CPU)", a["step_time_ratio_dsee_over_lora"],
-                         "<= 1.05", provenance(a)])
-            rows.append(["DSEE / LoRA optimizer state", a["optimizer_state_ratio_dsee_over_lora"], "", provenance(a)])
+            rows.append(
+                [
+                    "DSEE / LoRA train step (SmolLM2, CPU)",
+                    a["step_time_ratio_dsee_over_lora"],
+                    "<= 1.05",
+                    provenance(a),
+                ]
+            )
+            rows.append(
+                ["DSEE / LoRA optimizer state", a["optimizer_state_ratio_dsee_over_lora"], "", provenance(a)]
+            )
         z = self.data.get("zero3_step")
         if z:
             for k, v in z["ratio_over_plain"].items():
@@ -216,15 +322,33 @@ class Report:
                     rows.append([f"{k} / plain PyTorch step", v, "", provenance(z)])
         s = self.data.get("support_selection")
         if s:
-            rows.append([f"GreBsmo support selection, {s['matrices']} matrices (s)",
-                         s["seconds_all_matrices"]["grebsmo"], "< 20 s", provenance(s)])
-            rows.append(["literal GreBsmo / ours (time)", s["speedup_ours_over_reference"], "", provenance(s)])
+            rows.append(
+                [
+                    f"GreBsmo support selection, {s['matrices']} matrices (s)",
+                    s["seconds_all_matrices"]["grebsmo"],
+                    "< 20 s",
+                    provenance(s),
+                ]
+            )
+            rows.append(
+                ["literal GreBsmo / ours (time)", s["speedup_ours_over_reference"], "", provenance(s)]
+            )
         e = self.data.get("export_speed")
         if e:
-            rows.append([f"export MB/s ({e['model']})", e["export_output_bytes_per_s"] / 1e6, "", provenance(e)])
-            rows.append(["export time / plain copy time", e["export_over_copy_time_ratio"], "", provenance(e)])
-            rows.append(["export peak RSS above imports / largest shard",
-                         e["export_rss_above_imports_over_largest_shard"], "", provenance(e)])
+            rows.append(
+                [f"export MB/s ({e['model']})", e["export_output_bytes_per_s"] / 1e6, "", provenance(e)]
+            )
+            rows.append(
+                ["export time / plain copy time", e["export_over_copy_time_ratio"], "", provenance(e)]
+            )
+            rows.append(
+                [
+                    "export peak RSS above imports / largest shard",
+                    e["export_rss_above_imports_over_largest_shard"],
+                    "",
+                    provenance(e),
+                ]
+            )
         p = self.data.get("pruning")
         if p and isinstance(p.get("structured"), dict):
             for k, v in p["structured"].items():
@@ -233,15 +357,29 @@ class Report:
                     rows.append([f"pruned / dense forward tokens/s ({k})", v["speedup"], aim, provenance(p)])
         sc = self.data.get("zero3_scale")
         if sc:
-            rows.append([f"{sc['model']}, {sc['ranks']} ranks, ZeRO-3 offload: peak RSS GiB, all ranks",
-                         sc["peak_rss_gib_all_ranks"], f"< {sc['machine_ram_gib']:.1f} GiB RAM", provenance(sc)])
-        self.add(table(["figure", "value", "aim", "machine / versions / command"], rows) if rows else "Not run.")
+            rows.append(
+                [
+                    f"{sc['model']}, {sc['ranks']} ranks, ZeRO-3 offload: peak RSS GiB, all ranks",
+                    sc["peak_rss_gib_all_ranks"],
+                    f"< {sc['machine_ram_gib']:.1f} GiB RAM",
+                    provenance(sc),
+                ]
+            )
+        self.add(
+            table(["figure", "value", "aim", "machine / versions / command"], rows) if rows else "Not run."
+        )
         for name, g in self.data.items():
             if name.startswith("gpu_zero3_"):
                 self.add(f"\n### {g['device']} (`{name}.json`)\n")
-                self.add(table(["model / method", "trainable", "tokens/s", "peak GPU MB"],
-                               [[k, r["trainable_parameters"], r["tokens_per_s"], r["peak_gpu_memory_mb"]]
-                                for k, r in g["rows"].items()]))
+                self.add(
+                    table(
+                        ["model / method", "trainable", "tokens/s", "peak GPU MB"],
+                        [
+                            [k, r["trainable_parameters"], r["tokens_per_s"], r["peak_gpu_memory_mb"]]
+                            for k, r in g["rows"].items()
+                        ],
+                    )
+                )
                 self.add("\n" + provenance(g))
         if not any(n.startswith("gpu_zero3_") and "cpu" not in n for n in self.data):
             self.add("\nGPU: no GPU result yet (`python bench/run_all.py --gpu` on a GPU machine).")
@@ -260,12 +398,15 @@ class Report:
                         f"DSEE (GreBsmo) held-out perplexity <= {m[lo]['description']} "
                         f"({m[lo]['trainable_parameters']:,} vs DSEE's {d['trainable_parameters']:,} "
                         f"trainable): **{'met' if ok else 'missed'}**, {d['heldout_perplexity']:.4f} vs "
-                        f"{m[lo]['heldout_perplexity']:.4f}")
+                        f"{m[lo]['heldout_perplexity']:.4f}"
+                    )
             if d and "full" in m:
                 r = d["heldout_perplexity"] / m["full"]["heldout_perplexity"]
-                lines.append(f"DSEE within 2% of full fine-tuning: **{'met' if r <= 1.02 else 'missed'}**, "
-                             f"{d['heldout_perplexity']:.4f} vs {m['full']['heldout_perplexity']:.4f} "
-                             f"(+{100 * (r - 1):.1f}%)")
+                lines.append(
+                    f"DSEE within 2% of full fine-tuning: **{'met' if r <= 1.02 else 'missed'}**, "
+                    f"{d['heldout_perplexity']:.4f} vs {m['full']['heldout_perplexity']:.4f} "
+                    f"(+{100 * (r - 1):.1f}%)"
+                )
         if a:
             r = a["step_time_ratio_dsee_over_lora"]
             lines.append(f"DSEE step time <= 1.05 x LoRA's: **{'met' if r <= 1.05 else 'missed'}**, {r:.3f}")
@@ -281,16 +422,19 @@ class Report:
                 f"sparsity {ratio}, DSEE (WABS scores + re-tuning) {w['retuned_ppl']:.3f}; magnitude "
                 f"{mg['pruned_ppl']:.3f} (re-tuned {mg['retuned_ppl']:.3f}), Wanda {wd['pruned_ppl']:.3f} "
                 f"(re-tuned {wd['retuned_ppl']:.3f}): vs both as pruned **{'met' if plain else 'missed'}**; "
-                f"vs both re-tuned alike **{'met' if alike else 'missed'}**")
+                f"vs both re-tuned alike **{'met' if alike else 'missed'}**"
+            )
         self.add("## The aims, met or missed\n")
         self.add("\n".join(f"- {x}" for x in lines) if lines else "No results yet.")
 
     def write(self) -> Path:
-        head = ["# dsee-scale benchmark report",
-                "Generated by `python bench/report.py` from the JSON files in "
-                f"`{self.rel(self.results)}/`; every number below was measured by the command "
-                "named beside it. Times are ratios against a baseline run in the same process "
-                "where one exists.\n"]
+        head = [
+            "# dsee-scale benchmark report",
+            "Generated by `python bench/report.py` from the JSON files in "
+            f"`{self.rel(self.results)}/`; every number below was measured by the command "
+            "named beside it. Times are ratios against a baseline run in the same process "
+            "where one exists.\n",
+        ]
         self.aims()
         self.quality()
         self.pruning()

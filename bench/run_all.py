@@ -10,6 +10,7 @@ Full results go to bench/results/<name>.json, bench/REPORT.md and bench/results/
 replaces the committed figures. Each benchmark runs in its own process, one after another (they
 would disturb each other's timings); one that fails is reported and the others still run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,36 @@ BENCHES = {
     "support_selection": ([], ["--reference-matrices", "1"], 2),
     "adapter_step": (["--steps", "12"], ["--quick"], 3),
     "zero3_step": (["--steps", "6"], ["--steps", "2", "--batch", "2", "--seq", "128"], 3),
-    "quality": (["--steps", "60", "--eval-blocks", "48"],
-                ["--steps", "2", "--eval-blocks", "4", "--methods",
-                 "base,full,lora_r8,dsee_grebsmo,dsee_random,lora_matched"], 33),
-    "pruning": ([], ["--tune-steps", "2", "--retune-steps", "1", "--eval-blocks", "4", "--ratios",
-                     "0.3", "--channel-fractions", "0.25", "--speed-rounds", "1"], 37),
+    "quality": (
+        ["--steps", "60", "--eval-blocks", "48"],
+        [
+            "--steps",
+            "2",
+            "--eval-blocks",
+            "4",
+            "--methods",
+            "base,full,lora_r8,dsee_grebsmo,dsee_random,lora_matched",
+        ],
+        33,
+    ),
+    "pruning": (
+        [],
+        [
+            "--tune-steps",
+            "2",
+            "--retune-steps",
+            "1",
+            "--eval-blocks",
+            "4",
+            "--ratios",
+            "0.3",
+            "--channel-fractions",
+            "0.25",
+            "--speed-rounds",
+            "1",
+        ],
+        37,
+    ),
     "export_speed": ([], ["--config", "configs/gpt2-medium-random.yaml"], 5),
     "zero3_scale": ([], None, 4),
 }
@@ -57,23 +83,34 @@ def main() -> None:
     plan = [(n, a) for n, a in plan if a is not None]
     if not args.quick:
         est = sum(BENCHES[n][2] for n, _ in plan)
-        print(f"full run: {len(plan)} benchmarks, about {est} minutes on a 2-core CPU machine "
-              f"(use --quick for a smoke run under 15 minutes)", flush=True)
+        print(
+            f"full run: {len(plan)} benchmarks, about {est} minutes on a 2-core CPU machine "
+            f"(use --quick for a smoke run under 15 minutes)",
+            flush=True,
+        )
     failed, t_all = [], time.perf_counter()
     for i, (name, extra) in enumerate(plan):
         cmd = [sys.executable, str(BENCH / f"{name}.py"), *extra]
         print(f"\n=== [{i + 1}/{len(plan)}] {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
-        print(f"=== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - t0:.0f}s",
-              flush=True)
+        print(
+            f"=== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - t0:.0f}s",
+            flush=True,
+        )
         if rc != 0:
             failed.append(name)
     report = results / "REPORT.md" if args.quick else BENCH / "REPORT.md"
-    rc = subprocess.run([sys.executable, str(BENCH / "report.py"), "--results", str(results), "--out",
-                         str(report)], cwd=ROOT, env=env).returncode
-    print(f"\nall benchmarks: {time.perf_counter() - t_all:.0f}s"
-          + (f"; FAILED: {', '.join(failed)}" if failed else "") + ("; report failed" if rc else ""))
+    rc = subprocess.run(
+        [sys.executable, str(BENCH / "report.py"), "--results", str(results), "--out", str(report)],
+        cwd=ROOT,
+        env=env,
+    ).returncode
+    print(
+        f"\nall benchmarks: {time.perf_counter() - t_all:.0f}s"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+        + ("; report failed" if rc else "")
+    )
     sys.exit(1 if failed or rc else 0)
 
 

@@ -7,6 +7,7 @@ literal GreBsmo oracle of tests/reference_grebsmo.py on the first few q and v ma
 (the literal one takes seconds per matrix, so its total is extrapolated and labelled so).
 Also reports svd / magnitude / random selection time and the support overlap between methods.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from reference_grebsmo import grebsmo_reference  # noqa: E402
+
 from bench.common import smollm2, write_result  # noqa: E402
 from dsee_scale.adapters import DSEEConfig, resolve_targets  # noqa: E402
 from dsee_scale.adapters.inject import compute_supports, target_weight  # noqa: E402
 from dsee_scale.adapters.support import grebsmo_sparse, top_n  # noqa: E402
-from reference_grebsmo import grebsmo_reference  # noqa: E402
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,8 +36,12 @@ def same(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reference-matrices", type=int, default=2,
-                    help="how many q and how many v matrices the literal oracle times")
+    ap.add_argument(
+        "--reference-matrices",
+        type=int,
+        default=2,
+        help="how many q and how many v matrices the literal oracle times",
+    )
     ap.add_argument("--num-sparse", type=int, default=64)
     args = ap.parse_args()
 
@@ -68,9 +74,12 @@ def main() -> None:
             # the same code in float64: how much of the choice is decided by float32 rounding
             S64 = grebsmo_sparse(weights[key].double()[None], [t.seed(cfg.seed)])[0]
             agree64.append(same(top_n(S64.abs(), args.num_sparse), ours))
-        ref[kind] = {"matrices_timed": len(keys), "seconds_per_matrix": sum(per) / len(per),
-                     "support_agreement_literal_vs_ours": agree,
-                     "support_agreement_ours_float64_vs_float32": agree64}
+        ref[kind] = {
+            "matrices_timed": len(keys),
+            "seconds_per_matrix": sum(per) / len(per),
+            "support_agreement_literal_vs_ours": agree,
+            "support_agreement_ours_float64_vs_float32": agree64,
+        }
         print(f"reference {kind}: {ref[kind]}", flush=True)
     n_q = sum(t.key.endswith("q_proj") for t in targets)
     n_v = len(targets) - n_q
@@ -80,19 +89,26 @@ def main() -> None:
         return sum(same(a[k], b[k]) for k in a) / len(a)
 
     result = {
-        "model": "SmolLM2-135M-Instruct", "matrices": len(targets), "shapes": shapes,
-        "num_sparse": args.num_sparse, "grebsmo_rounds": cfg.grebsmo_rounds,
+        "model": "SmolLM2-135M-Instruct",
+        "matrices": len(targets),
+        "shapes": shapes,
+        "num_sparse": args.num_sparse,
+        "grebsmo_rounds": cfg.grebsmo_rounds,
         "grebsmo_rank_fraction": cfg.grebsmo_rank_fraction,
         "seconds_all_matrices": timings,
-        "grebsmo_target_seconds": 20.0, "grebsmo_meets_target": timings["grebsmo"] < 20.0,
+        "grebsmo_target_seconds": 20.0,
+        "grebsmo_meets_target": timings["grebsmo"] < 20.0,
         "reference_literal_grebsmo": ref,
         "reference_total_seconds_extrapolated": ref_total,
         "speedup_ours_over_reference": ref_total / timings["grebsmo"],
-        "support_overlap_with_grebsmo": {m: overlap(supports["grebsmo"], supports[m])
-                                         for m in ("svd", "magnitude", "random")},
+        "support_overlap_with_grebsmo": {
+            m: overlap(supports["grebsmo"], supports[m]) for m in ("svd", "magnitude", "random")
+        },
     }
-    print(f"GreBsmo all {len(targets)}: ours {timings['grebsmo']:.1f}s vs literal "
-          f"~{ref_total:.0f}s (extrapolated): {result['speedup_ours_over_reference']:.1f}x")
+    print(
+        f"GreBsmo all {len(targets)}: ours {timings['grebsmo']:.1f}s vs literal "
+        f"~{ref_total:.0f}s (extrapolated): {result['speedup_ours_over_reference']:.1f}x"
+    )
     write_result("support_selection", result)
 
 

@@ -7,6 +7,7 @@ processes and reports the peak RSS of each rank, the injection time (supports ch
 gathered layers, spread over the ranks), step times and losses, from the run's summary.json and
 train_log.jsonl. Total parameters are counted from the model config without building it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,20 @@ def main() -> None:
 
     out = ROOT / "runs" / "bench-zero3-scale"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-           "--master_port", "29733", str(ROOT / "launchers" / "train.py"), "--config",
-           str(ROOT / args.config), f"output_dir={out}", f"train.max_steps={args.steps}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(args.ranks),
+        "--master_port",
+        "29733",
+        str(ROOT / "launchers" / "train.py"),
+        "--config",
+        str(ROOT / args.config),
+        f"output_dir={out}",
+        f"train.max_steps={args.steps}",
+    ]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
@@ -55,14 +67,19 @@ def main() -> None:
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     result = {
         "model": f"GPT-2 XL shape, random weights ({n_params / 1e9:.2f}B parameters), bf16",
-        "parameters": n_params, "ranks": args.ranks, "deepspeed": cfg["deepspeed"],
-        "dsee": cfg["dsee"], "batch": [cfg["train"]["batch_size"], cfg["data"]["block_size"]],
+        "parameters": n_params,
+        "ranks": args.ranks,
+        "deepspeed": cfg["deepspeed"],
+        "dsee": cfg["dsee"],
+        "batch": [cfg["train"]["batch_size"], cfg["data"]["block_size"]],
         "gradient_checkpointing": cfg["train"]["gradient_checkpointing"],
         "peak_rss_mb_per_rank": summary["peak_rss_mb_per_rank"],
         "peak_rss_gib_all_ranks": sum(summary["peak_rss_mb_per_rank"]) / 1024,
         "machine_ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-        "inject_seconds": summary["inject_seconds"], "trainable_params": summary["trainable_params"],
-        "losses": [x["loss"] for x in log], "wall_seconds_including_startup": wall,
+        "inject_seconds": summary["inject_seconds"],
+        "trainable_params": summary["trainable_params"],
+        "losses": [x["loss"] for x in log],
+        "wall_seconds_including_startup": wall,
     }
     print(json.dumps(result, indent=2))
     write_result("zero3_scale", result)

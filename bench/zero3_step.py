@@ -6,6 +6,7 @@ SmolLM2-135M, DSEE r=8 N=64 on q,v (one support computation shared by all three)
 AdamW. The three engines live in one process and their steps alternate, so machine noise
 hits all alike; ratios are of medians against plain PyTorch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def main() -> None:
     deepspeed.init_distributed(verbose=False)
     dsee = DSEEConfig(r=8, alpha=16, num_sparse=64, target_modules=["q_proj", "v_proj"])
     mc = ModelConfig(preset="smollm2-135m")
-    train = TrainConfig(max_steps=1000, batch_size=args.batch, micro_batch_size=args.batch,
-                        lr=1e-4, grad_clip=1.0)
+    train = TrainConfig(
+        max_steps=1000, batch_size=args.batch, micro_batch_size=args.batch, lr=1e-4, grad_clip=1.0
+    )
 
     plain = load_model(mc).train()
     ids = stdlib_batch(load_tokenizer(mc), args.batch, args.seq)
@@ -62,8 +64,9 @@ def main() -> None:
 
     engines = {}
     for name, cfg in (("zero3", "zero3.json"), ("zero3_offload_cpu", "zero3_offload_cpu.json")):
-        exp = ExperimentConfig(model=mc, dsee=copy.deepcopy(dsee), train=train,
-                               deepspeed=str(ROOT / "ds_configs" / cfg))
+        exp = ExperimentConfig(
+            model=mc, dsee=copy.deepcopy(dsee), train=train, deepspeed=str(ROOT / "ds_configs" / cfg)
+        )
         ds = deepspeed_config(exp, 1)
         model = build_model(exp, ds)
         inject(model, dsee, supports)
@@ -74,6 +77,7 @@ def main() -> None:
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             engine.step()
+
         return run
 
     runs = {"plain_pytorch": plain_step, **{k: ds_step(e) for k, e in engines.items()}}
@@ -85,14 +89,24 @@ def main() -> None:
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
-        print(f"step {i + 1}/{args.steps}: " + "  ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
-              flush=True)
+        print(
+            f"step {i + 1}/{args.steps}: " + "  ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
+            flush=True,
+        )
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "model": "SmolLM2-135M-Instruct (fp32)", "batch": [args.batch, args.seq],
-        "dsee": {"r": 8, "num_sparse": 64, "targets": "q_proj, v_proj", "support": "grebsmo",
-                 "support_seconds": support_s},
-        "ranks": 1, "step_seconds_median": med, "step_seconds_all": times,
+        "model": "SmolLM2-135M-Instruct (fp32)",
+        "batch": [args.batch, args.seq],
+        "dsee": {
+            "r": 8,
+            "num_sparse": 64,
+            "targets": "q_proj, v_proj",
+            "support": "grebsmo",
+            "support_seconds": support_s,
+        },
+        "ranks": 1,
+        "step_seconds_median": med,
+        "step_seconds_all": times,
         "ratio_over_plain": {k: v / med["plain_pytorch"] for k, v in med.items()},
         "process_peak_rss_mb": peak_rss_mb(),
     }

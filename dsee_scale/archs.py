@@ -14,6 +14,7 @@ the answer here, instead of branching on model_type strings:
 A projection is written "module[:slice]": "attn.c_attn:q" is the q third of GPT-2's fused
 projection, "self_attn.q_proj" a whole matrix.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -84,28 +85,55 @@ class Arch:
         head = self.blocks + "."
         if not name.startswith(head):
             return None
-        index = name[len(head):].split(".", 1)[0]
+        index = name[len(head) :].split(".", 1)[0]
         return int(index) if index.isdigit() else None
 
 
 GPT2 = Arch(
-    name="gpt2", model_types=("gpt2", "dsee_gpt2"), blocks="transformer.h",
-    q="attn.c_attn:q", k="attn.c_attn:k", v="attn.c_attn:v", o="attn.c_proj",
-    mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj",
-    embeddings=("transformer.wte.weight", "transformer.wpe.weight"), attention="attn",
-    heads_key="n_head", kv_heads_key=None, intermediate_key="n_inner", layers_key="n_layer",
-    hidden_key="n_embd", default_targets=("c_attn:q", "c_attn:v"), lm_class="GPT2LMHeadModel",
-    config_has_head_dim=False, rotary_emb=None)
+    name="gpt2",
+    model_types=("gpt2", "dsee_gpt2"),
+    blocks="transformer.h",
+    q="attn.c_attn:q",
+    k="attn.c_attn:k",
+    v="attn.c_attn:v",
+    o="attn.c_proj",
+    mlp_in=("mlp.c_fc",),
+    mlp_out="mlp.c_proj",
+    embeddings=("transformer.wte.weight", "transformer.wpe.weight"),
+    attention="attn",
+    heads_key="n_head",
+    kv_heads_key=None,
+    intermediate_key="n_inner",
+    layers_key="n_layer",
+    hidden_key="n_embd",
+    default_targets=("c_attn:q", "c_attn:v"),
+    lm_class="GPT2LMHeadModel",
+    config_has_head_dim=False,
+    rotary_emb=None,
+)
 
 LLAMA = Arch(
-    name="llama", model_types=("llama", "dsee_llama"), blocks="model.layers",
-    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-    mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
-    embeddings=("model.embed_tokens.weight",), attention="self_attn",
-    heads_key="num_attention_heads", kv_heads_key="num_key_value_heads",
-    intermediate_key="intermediate_size", layers_key="num_hidden_layers",
-    hidden_key="hidden_size", default_targets=("q_proj", "v_proj"), lm_class="LlamaForCausalLM",
-    config_has_head_dim=True, rotary_emb="model.rotary_emb")
+    name="llama",
+    model_types=("llama", "dsee_llama"),
+    blocks="model.layers",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_out="mlp.down_proj",
+    embeddings=("model.embed_tokens.weight",),
+    attention="self_attn",
+    heads_key="num_attention_heads",
+    kv_heads_key="num_key_value_heads",
+    intermediate_key="intermediate_size",
+    layers_key="num_hidden_layers",
+    hidden_key="hidden_size",
+    default_targets=("q_proj", "v_proj"),
+    lm_class="LlamaForCausalLM",
+    config_has_head_dim=True,
+    rotary_emb="model.rotary_emb",
+)
 
 ARCHS = (GPT2, LLAMA)
 BY_MODEL_TYPE = {t: a for a in ARCHS for t in a.model_types}
@@ -119,8 +147,7 @@ def arch_of(model_or_config: Any) -> Arch:
     """The facts for a model or config; a clear ValueError for families we do not know."""
     model_type = getattr(config_of(model_or_config), "model_type", None)
     if model_type not in BY_MODEL_TYPE:
-        raise ValueError(f"model type {model_type!r} is not supported; supported: "
-                         f"{', '.join(BY_MODEL_TYPE)}")
+        raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(BY_MODEL_TYPE)}")
     return BY_MODEL_TYPE[model_type]
 
 

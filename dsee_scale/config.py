@@ -5,10 +5,12 @@ dataclass fields (unknown keys are refused, with a close match suggested), conve
 types from the annotations (int, float, bool, str, Literal[...], list[str], Optional[...],
 nested dataclasses), then calls the section's `validate()` for range checks.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -17,12 +19,14 @@ import yaml
 
 from .errors import ConfigError
 
+UNIONS = (Union, types.UnionType)  # Optional[X] and X | None
+
 
 def _type_name(tp) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin is Union:
+    if origin in UNIONS:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
@@ -39,7 +43,7 @@ def _convert(value: Any, tp, key: str):
     origin = get_origin(tp)
     if tp is Any:
         return value
-    if origin is Union:
+    if origin in UNIONS:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None

@@ -4,6 +4,7 @@ Anything the user can fix (a config key, a path, a checkpoint) raises `UserError
 `cli_main` turns it into `error: <message>` on stderr and exit code 2.
 A run that starts but cannot go on (`RunStopped`, e.g. a diverged loss) is one line and exit 3.
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,21 +1,22 @@
 """One experiment = one YAML file with sections; CLI `section.key=value` overrides any key.
 
-    model:      ModelConfig    (models.py)
-    dsee:       DSEEConfig     (adapters/config.py)
-    data:       DataConfig     train / eval files, block size
-    train:      TrainConfig    steps, batch sizes, lr, schedule, precision, ...
-    eval:       EvalConfig
-    checkpoint: CheckpointConfig
-    prune:      PruneConfig    what launchers/prune.py removes (see pruning/run.py)
-    deepspeed:  path of the engine JSON (ds_configs/)
-    nvme_path:  where ZeRO's NVMe offload swaps (needed by zero3_offload_nvme.json)
-    output_dir: checkpoints, TensorBoard events, logs
+model:      ModelConfig    (models.py)
+dsee:       DSEEConfig     (adapters/config.py)
+data:       DataConfig     train / eval files, block size
+train:      TrainConfig    steps, batch sizes, lr, schedule, precision, ...
+eval:       EvalConfig
+checkpoint: CheckpointConfig
+prune:      PruneConfig    what launchers/prune.py removes (see pruning/run.py)
+deepspeed:  path of the engine JSON (ds_configs/)
+nvme_path:  where ZeRO's NVMe offload swaps (needed by zero3_offload_nvme.json)
+output_dir: checkpoints, TensorBoard events, logs
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from .adapters.config import DSEEConfig
 from .config import apply_overrides, from_dict, load_yaml
@@ -31,23 +32,32 @@ class DataConfig:
     # built-in source "python_stdlib" (the standard library's .py files, split by module)
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
-    source: Optional[Literal["python_stdlib"]] = None
-    hub_dataset: Optional[str] = None  # a datasets hub name, where a network exists
+    source: Literal["python_stdlib"] | None = None
+    hub_dataset: str | None = None  # a datasets hub name, where a network exists
     hub_train_split: str = "train"
-    hub_eval_split: Optional[str] = None
+    hub_eval_split: str | None = None
     text_field: str = "text"
     block_size: int = 256
     heldout_percent: int = 10  # python_stdlib: share of modules held out for eval
-    max_train_blocks: Optional[int] = None
-    max_eval_blocks: Optional[int] = None
-    cache_dir: Optional[str] = None  # tokenized blocks; default: ~/.cache/dsee_scale/data
+    max_train_blocks: int | None = None
+    max_eval_blocks: int | None = None
+    cache_dir: str | None = None  # tokenized blocks; default: ~/.cache/dsee_scale/data
 
     def validate(self, section: str = "data") -> None:
-        given = [k for k, v in (("train_files", self.train_files), ("source", self.source),
-                                ("hub_dataset", self.hub_dataset)) if v]
+        given = [
+            k
+            for k, v in (
+                ("train_files", self.train_files),
+                ("source", self.source),
+                ("hub_dataset", self.hub_dataset),
+            )
+            if v
+        ]
         if len(given) != 1:
-            raise ConfigError(f"{section}: give exactly one of train_files (with eval_files), "
-                              f"source: python_stdlib, hub_dataset (got {', '.join(given) or 'none'})")
+            raise ConfigError(
+                f"{section}: give exactly one of train_files (with eval_files), "
+                f"source: python_stdlib, hub_dataset (got {', '.join(given) or 'none'})"
+            )
         if self.block_size < 2:
             raise ConfigError(f"{section}.block_size: got {self.block_size}, must be >= 2")
         if not 0 < self.heldout_percent < 100:
@@ -56,8 +66,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: Optional[int] = None  # optimizer steps; or epochs
-    epochs: Optional[float] = None
+    max_steps: int | None = None  # optimizer steps; or epochs
+    epochs: float | None = None
     batch_size: int = 8  # global: micro_batch_size x ranks x accumulation
     micro_batch_size: int = 4  # per rank, per forward
     lr: float = 2e-4
@@ -71,7 +81,7 @@ class TrainConfig:
     log_every: int = 1
     histogram_every: int = 50
     collective_timeout_s: int = 1800  # a rank that stops answering ends the job after this
-    stop_at_step: Optional[int] = None  # end this run (with a checkpoint) at this step; the
+    stop_at_step: int | None = None  # end this run (with a checkpoint) at this step; the
     # schedule still runs to max_steps, so `--resume` continues it (e.g. Slurm time slices)
     max_nonfinite_steps: int = 5  # a step whose loss or gradient is NaN/inf is skipped; this many
     # skipped in a row stop the run (the last good checkpoint stays `latest`)
@@ -87,8 +97,10 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{section}.{key}: got {getattr(self, key)}, must be >= 1")
         if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"{section}.batch_size: {self.batch_size} is not a multiple of "
-                              f"micro_batch_size {self.micro_batch_size}")
+            raise ConfigError(
+                f"{section}.batch_size: {self.batch_size} is not a multiple of "
+                f"micro_batch_size {self.micro_batch_size}"
+            )
         if self.lr <= 0:
             raise ConfigError(f"{section}.lr: got {self.lr}, must be > 0")
         if self.collective_timeout_s < 1:
@@ -96,8 +108,7 @@ class TrainConfig:
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ConfigError(f"{section}.stop_at_step: got {self.stop_at_step}, must be >= 1")
         if self.max_nonfinite_steps < 1:
-            raise ConfigError(f"{section}.max_nonfinite_steps: got {self.max_nonfinite_steps}, "
-                              "must be >= 1")
+            raise ConfigError(f"{section}.max_nonfinite_steps: got {self.max_nonfinite_steps}, must be >= 1")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError(f"{section}: warmup_steps, grad_clip and weight_decay must be >= 0")
 
@@ -146,20 +157,22 @@ class PruneConfig:
         if self.calibration_batches < 1:
             raise ConfigError(f"{section}.calibration_batches: must be >= 1")
         if self.kind == "structured" and not (self.heads_per_layer or self.channels_per_layer):
-            raise ConfigError(f"{section}: structured pruning needs heads_per_layer or channels_per_layer > 0")
+            raise ConfigError(
+                f"{section}: structured pruning needs heads_per_layer or channels_per_layer > 0"
+            )
 
 
 @dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dsee: DSEEConfig = field(default_factory=DSEEConfig)
-    data: Optional[DataConfig] = None
+    data: DataConfig | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    prune: Optional[PruneConfig] = None
+    prune: PruneConfig | None = None
     deepspeed: str = "ds_configs/zero3.json"
-    nvme_path: Optional[str] = None
+    nvme_path: str | None = None
     output_dir: str = "runs/experiment"
 
 
@@ -170,13 +183,16 @@ def load_experiment(path: str, overrides: list[str] | None = None) -> Experiment
     exp = from_dict(ExperimentConfig, data, "")
     out = Path(exp.output_dir)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir: {str(out)!r} is an existing file, not a directory; "
-                          "choose another output_dir")
+        raise ConfigError(
+            f"output_dir: {str(out)!r} is an existing file, not a directory; choose another output_dir"
+        )
     ds = Path(exp.deepspeed)
     if not ds.is_file() and not ds.is_absolute() and (REPO / ds).is_file():
         exp.deepspeed = str(REPO / ds)  # the shipped ds_configs/, from any working directory
     elif not ds.is_file():
-        raise ConfigError(f"deepspeed: {exp.deepspeed!r} does not exist "
-                          "(ds_configs/ has zero2.json, zero3.json, zero3_offload_cpu.json, "
-                          "zero3_offload_nvme.json)")
+        raise ConfigError(
+            f"deepspeed: {exp.deepspeed!r} does not exist "
+            "(ds_configs/ has zero2.json, zero3.json, zero3_offload_cpu.json, "
+            "zero3_offload_nvme.json)"
+        )
     return exp

@@ -1,11 +1,12 @@
 """Deterministic faults for the tests, each off unless its environment variable is set.
 
-    DSEE_FAULT_KILL_DURING_SAVE=<step>   rank 0 dies after the shards of that step's checkpoint
-                                         are written, before `latest` moves
-    DSEE_FAULT_NAN_AT_STEPS=<s>,<s>...   rank 0's first micro-batch of those steps yields NaN
-    DSEE_FAULT_EXIT_AFTER_STEP=<step>    every rank dies right after that step is logged (a
-                                         crash between two checkpoints)
+DSEE_FAULT_KILL_DURING_SAVE=<step>   rank 0 dies after the shards of that step's checkpoint
+                                     are written, before `latest` moves
+DSEE_FAULT_NAN_AT_STEPS=<s>,<s>...   rank 0's first micro-batch of those steps yields NaN
+DSEE_FAULT_EXIT_AFTER_STEP=<step>    every rank dies right after that step is logged (a
+                                     crash between two checkpoints)
 """
+
 from __future__ import annotations
 
 import contextlib

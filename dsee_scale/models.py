@@ -1,4 +1,5 @@
 """Loading the base model: a local HF directory, a GGUF file, or a config for random weights."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 
@@ -19,19 +20,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelConfig:
     """The `model:` section. Exactly one of preset / path / gguf_file / config."""
 
-    preset: Optional[Literal["smollm2-135m"]] = None  # a real model that needs no hub (assets.py)
-    path: Optional[str] = None  # a local Hugging Face model directory
-    gguf_file: Optional[str] = None  # a .gguf file (dequantized on load; needs `gguf`)
-    config: Optional[dict[str, Any]] = None  # transformers config kwargs incl. model_type
-    tokenizer: Optional[str] = None  # a tokenizer directory or .gguf file, if not beside the model
+    preset: Literal["smollm2-135m"] | None = None  # a real model that needs no hub (assets.py)
+    path: str | None = None  # a local Hugging Face model directory
+    gguf_file: str | None = None  # a .gguf file (dequantized on load; needs `gguf`)
+    config: dict[str, Any] | None = None  # transformers config kwargs incl. model_type
+    tokenizer: str | None = None  # a tokenizer directory or .gguf file, if not beside the model
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0  # for random weights
 
     def validate(self, section: str = "model") -> None:
         given = [k for k in ("preset", "path", "gguf_file", "config") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ConfigError(f"{section}: give exactly one of preset, path, gguf_file, config "
-                              f"(got {', '.join(given) or 'none'})")
+            raise ConfigError(
+                f"{section}: give exactly one of preset, path, gguf_file, config "
+                f"(got {', '.join(given) or 'none'})"
+            )
         for key in ("path", "gguf_file", "tokenizer"):
             value = getattr(self, key)
             if value is not None:
@@ -57,12 +60,35 @@ def resolve_preset(cfg: ModelConfig) -> ModelConfig:
 def build_config(cfg: ModelConfig):
     from transformers import AutoConfig
 
-    kwargs = dict(cfg.config)
+    kwargs = dict(cfg.config or {})
     model_type = kwargs.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model.config: {e}") from None
+
+
+def _from_pretrained(auto_class, mc: ModelConfig, **kwargs):
+    """auto_class.from_pretrained of a local directory or GGUF file, with a one-line error that
+    names the key when the files are missing or corrupt."""
+    try:
+        if mc.path is not None:
+            return auto_class.from_pretrained(mc.path, **kwargs)
+        gguf = Path(str(mc.gguf_file))
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        return auto_class.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)
+    except Exception as e:  # missing / corrupt files: the readers raise many exception types
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if mc.path is not None:
+            raise UserError(f"model.path: cannot load {mc.path!r}: {why}") from None
+        raise UserError(f"model.gguf_file: {mc.gguf_file!r} is not a readable GGUF model: {why}") from None
+
+
+def _drop_gguf_quantization(config) -> None:
+    """GGUF weights are dequantized on load; their quantization_config would block
+    save_pretrained later."""
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
 
 
 def load_config(cfg: ModelConfig):
@@ -71,23 +97,8 @@ def load_config(cfg: ModelConfig):
     from transformers import AutoConfig
 
     mc = resolve_preset(cfg)
-    if mc.config is not None:
-        config = build_config(mc)
-    else:
-        try:
-            if mc.path is not None:
-                config = AutoConfig.from_pretrained(mc.path)
-            else:
-                g = Path(mc.gguf_file)
-                config = AutoConfig.from_pretrained(str(g.parent), gguf_file=g.name)
-        except Exception as e:  # missing / corrupt config.json or GGUF: many exception types
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            if mc.path is not None:
-                raise UserError(f"model.path: cannot load {mc.path!r}: {why}") from None
-            raise UserError(f"model.gguf_file: {mc.gguf_file!r} is not a readable GGUF model: "
-                            f"{why}") from None
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config  # GGUF: the weights are dequantized on load
+    config = build_config(mc) if mc.config is not None else _from_pretrained(AutoConfig, mc)
+    _drop_gguf_quantization(config)
     return config
 
 
@@ -95,30 +106,15 @@ def load_model(cfg: ModelConfig):
     """The causal LM described by cfg, on CPU, in cfg.dtype (frozen weights stay in it)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = resolve_preset(cfg)
-    dtype = DTYPES[cfg.dtype]
-    if cfg.config is not None:
-        torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(build_config(cfg), dtype=dtype)
-        return model
-    if cfg.path is not None:
-        try:
-            return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
-        except Exception as e:  # missing / corrupt weights, unknown config: many exception types
-            raise UserError(f"model.path: cannot load {cfg.path!r}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    gguf = Path(cfg.gguf_file)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     dtype=dtype)
-    except Exception as e:  # the gguf reader raises many kinds on a corrupt file
-        raise UserError(f"model.gguf_file: {str(gguf)!r} is not a readable GGUF model: "
-                        f"{type(e).__name__}: {e}") from None
-    # Dequantized on load; the gguf quantization_config would block save_pretrained later.
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    model.hf_quantizer = None
+    mc = resolve_preset(cfg)
+    dtype = DTYPES[mc.dtype]
+    if mc.config is not None:
+        torch.manual_seed(mc.seed)
+        return AutoModelForCausalLM.from_config(build_config(mc), dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM, mc, dtype=dtype)
+    if mc.gguf_file is not None:
+        _drop_gguf_quantization(model.config)
+        setattr(model, "hf_quantizer", None)  # noqa: B010 (transformers' attribute, not a Module's)
     return model
 
 
@@ -139,8 +135,9 @@ def load_tokenizer(cfg: ModelConfig):
         elif source is not None:
             if not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
                 if cfg.tokenizer is not None:
-                    raise ConfigError(f"model.tokenizer: {source!r} holds no tokenizer files "
-                                      f"({', '.join(TOKENIZER_FILES)})")
+                    raise ConfigError(
+                        f"model.tokenizer: {source!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})"
+                    )
                 return None
             tok = AutoTokenizer.from_pretrained(source)
         elif cfg.gguf_file is not None:

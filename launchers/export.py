@@ -8,6 +8,7 @@
 merged: a Hugging Face directory for AutoModelForCausalLM.from_pretrained; adapter: DSEE's A, B,
 S for dsee_scale.load_adapter(base_model, out_dir). Flags: `dsee-scale export --help`.
 """
+
 import sys
 from pathlib import Path
 

@@ -12,6 +12,7 @@
 model and DSEE settings come from that checkpoint; the YAML gives prune, data, train, eval,
 checkpoint, deepspeed and output_dir. Flags: `dsee-scale prune --help`.
 """
+
 import sys
 from pathlib import Path
 

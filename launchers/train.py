@@ -9,6 +9,7 @@
 
 Flags: `dsee-scale train --help`.
 """
+
 import sys
 from pathlib import Path
 

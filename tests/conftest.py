@@ -1,11 +1,11 @@
 """Shared fixtures; the helpers themselves live in helpers.py (import them from there)."""
+
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-
 from helpers import tiny_gpt2, tiny_llama  # noqa: E402
 
 

@@ -1,4 +1,5 @@
 """Test helpers: tiny random models (no hub), configs, real launches, a plain reference."""
+
 from __future__ import annotations
 
 import json
@@ -17,17 +18,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_gpt2(seed: int = 0, **kw) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=96, n_positions=64,
-               bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = dict(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=96,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     cfg.update(kw)
     return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
 
 
 def tiny_llama(seed: int = 0, **kw) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
-               bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     cfg.update(kw)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
@@ -60,10 +80,22 @@ def write_config(path: Path, model_dir: Path, output_dir: Path, cache_dir: Path,
     cfg = {
         "model": {"path": str(model_dir)},
         "dsee": {"r": 4, "alpha": 8, "num_sparse": 16, "support": "grebsmo", "grebsmo_rounds": 3},
-        "data": {"source": "python_stdlib", "block_size": 32, "max_train_blocks": 256,
-                 "max_eval_blocks": 16, "cache_dir": str(cache_dir)},
-        "train": {"max_steps": 6, "batch_size": 4, "micro_batch_size": 2, "lr": 5e-3,
-                  "warmup_steps": 1, "schedule": "linear", "histogram_every": 3},
+        "data": {
+            "source": "python_stdlib",
+            "block_size": 32,
+            "max_train_blocks": 256,
+            "max_eval_blocks": 16,
+            "cache_dir": str(cache_dir),
+        },
+        "train": {
+            "max_steps": 6,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "lr": 5e-3,
+            "warmup_steps": 1,
+            "schedule": "linear",
+            "histogram_every": 3,
+        },
         "eval": {"every": 3, "batch_size": 4},
         "checkpoint": {"every": 3, "keep_last": 3},
         "deepspeed": str(ROOT / "ds_configs" / "zero3.json"),
@@ -78,8 +110,9 @@ def write_config(path: Path, model_dir: Path, output_dir: Path, cache_dir: Path,
     return path
 
 
-def launch(config: Path, nproc: int = 1, *extra: str, timeout: int = 600,
-           config_path: Path | None = None) -> subprocess.CompletedProcess:
+def launch(
+    config: Path, nproc: int = 1, *extra: str, timeout: int = 600, config_path: Path | None = None
+) -> subprocess.CompletedProcess:
     """nproc == 1: plain `python <script>`; else the real deepspeed launcher. `config` is the
     experiment YAML for launchers/train.py; for another launcher pass the script as `config`
     and the YAML as `config_path`."""
@@ -90,8 +123,19 @@ def launch(config: Path, nproc: int = 1, *extra: str, timeout: int = 600,
     if nproc == 1:
         cmd = [sys.executable, script, "--config", str(config), *extra]
     else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(free_port()), script, "--config", str(config), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            script,
+            "--config",
+            str(config),
+            *extra,
+        ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return r
 

@@ -3,6 +3,7 @@
 One addition shared with dsee_scale's implementation: V stops growing once its rank would pass
 rank_fraction x min(out, in) (see dsee_scale/adapters/support.py for why).
 """
+
 import torch
 
 from dsee_scale.adapters.support import initial_v

@@ -1,9 +1,9 @@
 """Bad input through the launchers: exit code 2, one line naming the problem, nothing written."""
+
 import json
 import shutil
 
 import pytest
-
 from helpers import ROOT, launch
 
 TINY = ROOT / "configs" / "gpt2-tiny.yaml"
@@ -13,8 +13,9 @@ def files(tmp_path, kind):
     if kind == "corrupt_safetensors":
         d = tmp_path / "model"
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 16,
-                                                   "n_head": 2, "vocab_size": 256}))
+        (d / "config.json").write_text(
+            json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 256})
+        )
         (d / "model.safetensors").write_bytes(b"\x00\x01 not a safetensors file" * 10)
         return str(d)
     if kind == "corrupt_gguf":
@@ -27,7 +28,9 @@ def files(tmp_path, kind):
         (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
         return str(tmp_path / "latin1.txt")
     if kind == "ds_conflict":
-        (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 3}}))
+        (tmp_path / "ds.json").write_text(
+            json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 3}})
+        )
         return str(tmp_path / "ds.json")
 
 
@@ -54,8 +57,7 @@ CASES = [  # (overrides or extra args, files, what the message must name)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, kind, needle):
     path = files(tmp_path, kind) if kind else None
     out = tmp_path / "out"
-    args = [a.format(path) for a in args] + [f"output_dir={out}",
-                                              f"data.cache_dir={tmp_path / 'cache'}"]
+    args = [a.format(path) for a in args] + [f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}"]
     r = launch(TINY, 1, *args)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr

@@ -1,5 +1,6 @@
 """The benchmark tooling: the report reflects the JSON it reads, the GPU benchmark's code path runs
 (on CPU, tiny models) and counts parameters right, bad arguments are one-line errors."""
+
 import json
 import os
 import shutil
@@ -7,15 +8,20 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT, free_port
 
 BENCH = ROOT / "bench"
 
 
 def run(*args, env=None):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, DS_ACCELERATOR="cpu", **(env or {})), timeout=900)
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, DS_ACCELERATOR="cpu", **(env or {})),
+        timeout=900,
+    )
 
 
 def test_report_tables_and_plots_come_from_the_results(tmp_path):
@@ -40,8 +46,14 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
     lora = q["lora_r8"]["heldout_perplexity"] >= q["dsee_grebsmo"]["heldout_perplexity"]
     assert f"trainable): **{'met' if lora else 'missed'}**" in text
     pngs = sorted(x.name for x in (results / "plots").glob("*.png"))
-    assert {"ppl_vs_sparsity.png", "speed_vs_sparsity.png", "loss_curves.png", "ppl_vs_trainable.png",
-            "heatmap_layer_sparsity.png", "heatmap_head_importance.png"} <= set(pngs)
+    assert {
+        "ppl_vs_sparsity.png",
+        "speed_vs_sparsity.png",
+        "loss_curves.png",
+        "ppl_vs_trainable.png",
+        "heatmap_layer_sparsity.png",
+        "heatmap_head_importance.png",
+    } <= set(pngs)
     (results / "quality.json").unlink()
     assert run(BENCH / "report.py", "--results", results, "--out", tmp_path / "R2.md").returncode == 0
     assert "Not run (`python bench/quality.py`)" in (tmp_path / "R2.md").read_text()  # said, not invented
@@ -51,8 +63,19 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
 
 def test_gpu_benchmark_code_path_on_cpu_with_tiny_models(tmp_path):
     pytest.importorskip("peft")
-    r = run(BENCH / "gpu_zero3.py", "--device", "cpu", "--tiny", "--steps", "1", "--batch", "2",
-            "--seq", "16", env={"BENCH_RESULTS": str(tmp_path), "MASTER_PORT": str(free_port())})
+    r = run(
+        BENCH / "gpu_zero3.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        env={"BENCH_RESULTS": str(tmp_path), "MASTER_PORT": str(free_port())},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_zero3_cpu_tiny.json").read_text())
     rows = res["rows"]
@@ -69,9 +92,20 @@ def test_gpu_benchmark_code_path_on_cpu_with_tiny_models(tmp_path):
 def test_bench_bad_arguments_are_one_line_errors():
     r = run(BENCH / "run_all.py", "--only", "quality,nonsense")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: --only: unknown nonsense (allowed: " + ", ".join(
-            ["support_selection", "adapter_step", "zero3_step", "quality", "pruning", "export_speed",
-             "zero3_scale"]) + ")"]
+        "error: --only: unknown nonsense (allowed: "
+        + ", ".join(
+            [
+                "support_selection",
+                "adapter_step",
+                "zero3_step",
+                "quality",
+                "pruning",
+                "export_speed",
+                "zero3_scale",
+            ]
+        )
+        + ")"
+    ]
     import torch
 
     if not torch.cuda.is_available():
@@ -81,4 +115,5 @@ def test_bench_bad_arguments_are_one_line_errors():
     r = run(BENCH / "quality.py", "--methods", "base,lora_r99")
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: --methods: unknown lora_r99 (allowed: base, full, lora_r8, dsee_grebsmo, dsee_svd, "
-        "dsee_magnitude, dsee_random, lora_matched)")
+        "dsee_magnitude, dsee_random, lora_matched)"
+    )

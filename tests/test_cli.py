@@ -1,4 +1,5 @@
 """CLI-level: a bad config exits 2 with one clear line and no traceback."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "dsee_scale", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dsee_scale", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_inspect_good_config():
@@ -19,15 +21,18 @@ def test_inspect_good_config():
     assert "targets: 4" in r.stdout and "trainable: 4,352" in r.stdout
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("dsee.r=0", "dsee.r"),
-    ("dsee.rank=8", "dsee.rank: unknown key"),
-    ("dsee.num_sparse=100000", "dsee.num_sparse"),
-    ("dsee.target_modules=[nope]", "matches no module"),
-    ("dsee.support=best", "dsee.support"),
-    ("dsee.alpha=abc", "dsee.alpha"),
-    ("model.path=/does/not/exist", "model"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("dsee.r=0", "dsee.r"),
+        ("dsee.rank=8", "dsee.rank: unknown key"),
+        ("dsee.num_sparse=100000", "dsee.num_sparse"),
+        ("dsee.target_modules=[nope]", "matches no module"),
+        ("dsee.support=best", "dsee.support"),
+        ("dsee.alpha=abc", "dsee.alpha"),
+        ("model.path=/does/not/exist", "model"),
+    ],
+)
 def test_bad_config_one_line_exit_2(override, needle):
     r = run("inspect", "--config", "configs/gpt2-tiny.yaml", override)
     assert r.returncode == 2

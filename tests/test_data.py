@@ -1,4 +1,5 @@
 """Corpora to packed blocks: formats, caching, batches that do not depend on the rank count."""
+
 import json
 
 import pytest
@@ -27,9 +28,17 @@ def test_text_json_jsonl_parquet_and_cache(tmp_path):
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"line {i} " * 5}) for i in range(10)))
     (tmp_path / "c.json").write_text(json.dumps([{"text": "json doc " * 10}]))
     pq.write_table(pa.table({"text": ["parquet doc " * 10]}), tmp_path / "d.parquet")
-    c = cfg(tmp_path, train_files=[str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl"),
-                                   str(tmp_path / "c.json"), str(tmp_path / "d.parquet")],
-            eval_files=[str(tmp_path / "a.txt")], block_size=16)
+    c = cfg(
+        tmp_path,
+        train_files=[
+            str(tmp_path / "*.txt"),
+            str(tmp_path / "b.jsonl"),
+            str(tmp_path / "c.json"),
+            str(tmp_path / "d.parquet"),
+        ],
+        eval_files=[str(tmp_path / "a.txt")],
+        block_size=16,
+    )
     corpus = build_corpus(c, ByteTokenizer())
     n_tokens = 240 + 1 + sum(len(f"line {i} " * 5) + 1 for i in range(10)) + 91 + 121
     assert corpus.train.shape == (n_tokens // 16, 16)
@@ -47,7 +56,9 @@ def test_global_batch_is_the_same_for_any_rank_count():
     blocks = torch.arange(40).view(20, 2)
     for step in range(7):  # wraps into a second epoch
         one = torch.cat([micro_batch(blocks, step, m, 0, 1, 2, 8, seed=3) for m in range(4)])
-        two = torch.cat([micro_batch(blocks, step, m, r, 2, 2, 8, seed=3) for m in range(2) for r in range(2)])
+        two = torch.cat(
+            [micro_batch(blocks, step, m, r, 2, 2, 8, seed=3) for m in range(2) for r in range(2)]
+        )
         four = torch.cat([micro_batch(blocks, step, 0, r, 4, 2, 8, seed=3) for r in range(4)])
         assert torch.equal(one, two) and torch.equal(one, four)
     epoch0 = torch.cat([micro_batch(blocks, s, 0, 0, 1, 4, 4, seed=3) for s in range(5)])

@@ -1,4 +1,5 @@
 """The DSEE layer against a dense reference W + (alpha/r)(BA + dense(S))."""
+
 import pytest
 import torch
 from torch import nn

@@ -1,25 +1,54 @@
 """Rank / world discovery for each way a run is launched, and Slurm node lists."""
+
 import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 from dsee_scale.training.distributed import discover, expand_nodelist, hostfile
-from helpers import ROOT
 
 
 def test_deepspeed_launcher_and_torchrun_env():
-    d = discover({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.5",
-                  "MASTER_PORT": "29511", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
-    assert (d.rank, d.local_rank, d.world_size, d.master_addr, d.master_port, d.source) == \
-        (3, 1, 8, "10.0.0.5", 29511, "torch")  # the launcher's variables win over Slurm's
+    d = discover(
+        {
+            "RANK": "3",
+            "LOCAL_RANK": "1",
+            "WORLD_SIZE": "8",
+            "MASTER_ADDR": "10.0.0.5",
+            "MASTER_PORT": "29511",
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "2",
+        }
+    )
+    assert (d.rank, d.local_rank, d.world_size, d.master_addr, d.master_port, d.source) == (
+        3,
+        1,
+        8,
+        "10.0.0.5",
+        29511,
+        "torch",
+    )  # the launcher's variables win over Slurm's
 
 
 def test_slurm_one_task_per_gpu():
-    d = discover({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
-                  "SLURM_JOB_NODELIST": "gpu[07-10]", "MASTER_PORT": "12345"})
-    assert (d.rank, d.local_rank, d.world_size, d.master_addr, d.master_port, d.source) == \
-        (5, 1, 8, "gpu07", 12345, "slurm")
+    d = discover(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_LOCALID": "1",
+            "SLURM_NTASKS": "8",
+            "SLURM_JOB_NODELIST": "gpu[07-10]",
+            "MASTER_PORT": "12345",
+        }
+    )
+    assert (d.rank, d.local_rank, d.world_size, d.master_addr, d.master_port, d.source) == (
+        5,
+        1,
+        8,
+        "gpu07",
+        12345,
+        "slurm",
+    )
 
 
 def test_single_process():
@@ -30,11 +59,14 @@ def test_single_process():
     assert discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).source == "single"
 
 
-@pytest.mark.parametrize("nodelist,hosts", [
-    ("node1", ["node1"]),
-    ("gpu[01-03,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]),
-    ("a[8-10]x,b[1,3]", ["a8x", "a9x", "a10x", "b1", "b3"]),
-])
+@pytest.mark.parametrize(
+    "nodelist,hosts",
+    [
+        ("node1", ["node1"]),
+        ("gpu[01-03,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]),
+        ("a[8-10]x,b[1,3]", ["a8x", "a9x", "a10x", "b1", "b3"]),
+    ],
+)
 def test_expand_nodelist(nodelist, hosts):
     assert expand_nodelist(nodelist) == hosts
     assert hostfile(hosts, 4) == "".join(f"{h} slots=4\n" for h in hosts)
@@ -42,6 +74,11 @@ def test_expand_nodelist(nodelist, hosts):
 
 def test_hostfile_cli_needs_a_nodelist(monkeypatch):
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SLURM_")}
-    r = subprocess.run([sys.executable, "-m", "dsee_scale", "hostfile", "--slots", "8"], cwd=ROOT,
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "dsee_scale", "hostfile", "--slots", "8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2 and "SLURM_JOB_NODELIST" in r.stderr and "Traceback" not in r.stderr

@@ -1,12 +1,13 @@
 """The DeepSpeed JSON filled from the experiment YAML (no engine is started here)."""
+
 import json
 
 import pytest
+from helpers import ROOT
 
 from dsee_scale.errors import ConfigError
 from dsee_scale.experiment import load_experiment
 from dsee_scale.training.engine import deepspeed_config
-from helpers import ROOT
 
 
 def exp(*overrides):
@@ -15,8 +16,14 @@ def exp(*overrides):
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload_cpu", "zero3_offload_nvme"])
 def test_shipped_configs_fill_every_auto(name, tmp_path):
-    e = exp(f"deepspeed=ds_configs/{name}.json", f"nvme_path={tmp_path / 'nvme'}",
-            "train.batch_size=16", "train.micro_batch_size=2", "train.lr=3e-4", "train.precision=bf16")
+    e = exp(
+        f"deepspeed=ds_configs/{name}.json",
+        f"nvme_path={tmp_path / 'nvme'}",
+        "train.batch_size=16",
+        "train.micro_batch_size=2",
+        "train.lr=3e-4",
+        "train.precision=bf16",
+    )
     ds = deepspeed_config(e, world_size=4)
     assert "auto" not in json.dumps(ds)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2

@@ -1,4 +1,5 @@
 """Export of ZeRO-3 checkpoints: against DeepSpeed's consolidation and plain transformers."""
+
 import os
 import shutil
 import subprocess
@@ -6,14 +7,13 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, check, launch, save_tiny_model, tiny_llama, write_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import tiny_llama
 from dsee_scale.adapters import DSEEConfig, inject, load_adapter
-from dsee_scale.export import export_checkpoint
 from dsee_scale.checkpoint import ZeroCheckpoint
-from helpers import ROOT, check, launch, save_tiny_model, write_config
+from dsee_scale.export import export_checkpoint
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -24,13 +24,25 @@ def runs(tmp_path_factory):
     out = {}
     for kind in ("gpt2", "llama"):
         model_dir = out[f"{kind}-model"] = save_tiny_model(root, kind)
-        for n in ((1, 2) if kind == "gpt2" else (2,)):
-            cfg = write_config(root / f"{kind}-{n}.yaml", model_dir, root / f"{kind}-{n}", root / "cache",
-                               train={"max_steps": 3}, checkpoint={"every": 3})
+        for n in (1, 2) if kind == "gpt2" else (2,):
+            cfg = write_config(
+                root / f"{kind}-{n}.yaml",
+                model_dir,
+                root / f"{kind}-{n}",
+                root / "cache",
+                train={"max_steps": 3},
+                checkpoint={"every": 3},
+            )
             check(launch(cfg, n))
             out[f"{kind}-{n}"] = root / f"{kind}-{n}" / "checkpoints"
-    bf = write_config(root / "bf16.yaml", out["gpt2-model"], root / "bf16", root / "cache",
-                      train={"max_steps": 2, "precision": "bf16"}, checkpoint={"every": 2})
+    bf = write_config(
+        root / "bf16.yaml",
+        out["gpt2-model"],
+        root / "bf16",
+        root / "cache",
+        train={"max_steps": 2, "precision": "bf16"},
+        checkpoint={"every": 2},
+    )
     check(launch(bf, 1))
     out["gpt2-bf16"] = root / "bf16" / "checkpoints"
     out["root"] = root
@@ -47,6 +59,7 @@ def framework_logits(model_dir, ckpt_dir):
     """The trained DSEE model rebuilt from DeepSpeed's own consolidation (unmerged forward)."""
     ck = ZeroCheckpoint(ckpt_dir)
     import yaml
+
     exp = yaml.safe_load((ck.dir / "experiment.yaml").read_text())
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     supports = load_file(str(ck.dir / "dsee_supports.safetensors"))
@@ -100,8 +113,9 @@ def test_adapter_export_reapplied_to_base(runs, tmp_path):
     load_adapter(base, out)
     with torch.no_grad():
         got = base(IDS).logits
-    torch.testing.assert_close(got, framework_logits(runs["llama-model"], runs["llama-2"]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        got, framework_logits(runs["llama-model"], runs["llama-2"]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_one_rank_and_two_rank_exports_agree(runs, tmp_path):
@@ -130,8 +144,13 @@ def test_bf16_frozen_weights_come_back_bf16(runs, tmp_path):
 
 def run_cli(*args):
     env = dict(os.environ, DS_ACCELERATOR="cpu")
-    return subprocess.run([sys.executable, str(ROOT / "launchers" / "export.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "export.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_broken_checkpoints_give_one_line_errors(runs, tmp_path):

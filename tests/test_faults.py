@@ -1,4 +1,5 @@
 """Faults: a rank killed mid-training ends the whole job, promptly and with a non-zero exit."""
+
 import json
 import math
 import os
@@ -9,30 +10,54 @@ import time
 
 import psutil
 import torch
+from helpers import ROOT, free_port, save_tiny_model, write_config
 
 from dsee_scale import faults
-from helpers import ROOT, free_port, save_tiny_model, write_config
 
 
 def test_kill_9_of_one_rank_ends_the_job_within_two_minutes(tmp_path):
     model = save_tiny_model(tmp_path, "gpt2")
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", model, out, tmp_path / "cache",
-                       train={"max_steps": 100000, "collective_timeout_s": 60},
-                       eval={"every": 100000}, checkpoint={"every": 100000})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        model,
+        out,
+        tmp_path / "cache",
+        train={"max_steps": 100000, "collective_timeout_s": 60},
+        eval={"every": 100000},
+        checkpoint={"every": 100000},
+    )
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     runner = subprocess.Popen(
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-         str(free_port()), str(ROOT / "launchers" / "train.py"), "--config", str(cfg)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "launchers" / "train.py"),
+            "--config",
+            str(cfg),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         log = out / "train_log.jsonl"
         deadline = time.time() + 300
         while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
             assert runner.poll() is None, runner.stdout.read()[-3000:]
             time.sleep(0.5)
-        victim = [p for p in psutil.Process(runner.pid).children(recursive=True)
-                  if "--local_rank=1" in " ".join(p.cmdline())]
+        victim = [
+            p
+            for p in psutil.Process(runner.pid).children(recursive=True)
+            if "--local_rank=1" in " ".join(p.cmdline())
+        ]
         assert len(victim) == 1, "rank 1 not found"
         killed_at = time.time()
         os.kill(victim[0].pid, signal.SIGKILL)
@@ -74,8 +99,14 @@ def test_a_corrupted_checkpoint_is_refused_by_resume_and_export(tmp_path):
     from helpers import check, launch
 
     model = save_tiny_model(tmp_path, "gpt2")
-    cfg = write_config(tmp_path / "c.yaml", model, tmp_path / "run", tmp_path / "cache",
-                       train={"max_steps": 2}, checkpoint={"every": 2})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        model,
+        tmp_path / "run",
+        tmp_path / "cache",
+        train={"max_steps": 2},
+        checkpoint={"every": 2},
+    )
     check(launch(cfg, 1))
     shard = tmp_path / "run" / "checkpoints" / "step_2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     data = bytearray(shard.read_bytes())
@@ -83,9 +114,16 @@ def test_a_corrupted_checkpoint_is_refused_by_resume_and_export(tmp_path):
     shard.write_bytes(bytes(data))
     r = launch(cfg, 1, "--resume", "train.max_steps=4")
     assert r.returncode == 2 and "does not match its checksum" in r.stderr and shard.name in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "launchers" / "export.py"),
-                        str(tmp_path / "run" / "checkpoints"), str(tmp_path / "exp")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launchers" / "export.py"),
+            str(tmp_path / "run" / "checkpoints"),
+            str(tmp_path / "exp"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "does not match its checksum" in r.stderr and not (tmp_path / "exp").exists()
 
 
@@ -103,9 +141,14 @@ def test_a_nan_batch_is_skipped_logged_and_leaves_the_state_unchanged(tmp_path, 
 
     model = save_tiny_model(tmp_path, "gpt2")
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", model, out, tmp_path / "cache",
-                       train={"max_steps": 5, "max_nonfinite_steps": 2, "schedule": "constant"},
-                       checkpoint={"every": 1, "keep_last": 10})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        model,
+        out,
+        tmp_path / "cache",
+        train={"max_steps": 5, "max_nonfinite_steps": 2, "schedule": "constant"},
+        checkpoint={"every": 1, "keep_last": 10},
+    )
     monkeypatch.setenv(faults.NAN_AT_STEPS, "3,5")
     r = check(launch(cfg, 2))
     log = {rec["step"]: rec for rec in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())}
@@ -127,9 +170,14 @@ def test_k_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoin
 
     model = save_tiny_model(tmp_path, "llama")
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", model, out, tmp_path / "cache",
-                       train={"max_steps": 8, "max_nonfinite_steps": 2},
-                       checkpoint={"every": 1, "keep_last": 2})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        model,
+        out,
+        tmp_path / "cache",
+        train={"max_steps": 8, "max_nonfinite_steps": 2},
+        checkpoint={"every": 1, "keep_last": 2},
+    )
     monkeypatch.setenv(faults.NAN_AT_STEPS, "3,4,5")
     r = launch(cfg, 1)
     monkeypatch.delenv(faults.NAN_AT_STEPS)
@@ -168,7 +216,11 @@ def test_skips_counts_and_stops_after_k_in_a_row():
     assert not s.update(1, True, 1.0) and s.update(2, False, float("nan"))
     assert not s.update(3, True, 1.0) and s.stop_message(None) is None  # the run was broken
     assert s.update(4, False, 2.0) and s.update(5, False, float("inf"))  # finite loss, bad grad
-    assert s.total == 3 and "steps 4-5" in s.stop_message("ck/step_3") and "ck/step_3" in s.stop_message("ck/step_3")
+    assert (
+        s.total == 3
+        and "steps 4-5" in s.stop_message("ck/step_3")
+        and "ck/step_3" in s.stop_message("ck/step_3")
+    )
     f = Skips(limit=1, fp16=True)  # fp16: a loss-scale overflow is a skip, not a non-finite step
     assert f.update(1, False, 1.0) and f.stop_message(None) is None and f.total == 1
     try:

@@ -1,11 +1,22 @@
 """Injection into tiny random GPT-2 and LLaMA models; merge, counts, adapter save/load."""
+
 import pytest
 import torch
-
 from helpers import randomize_dsee, tiny_gpt2, tiny_llama
-from dsee_scale.adapters import (DSEEConfig, DSEELayer, adapter_state_dict, expected_trainable_count,
-                                 inject, load_adapter, merge, save_adapter, supports_of,
-                                 trainable_parameter_count, unmerge)
+
+from dsee_scale.adapters import (
+    DSEEConfig,
+    DSEELayer,
+    adapter_state_dict,
+    expected_trainable_count,
+    inject,
+    load_adapter,
+    merge,
+    save_adapter,
+    supports_of,
+    trainable_parameter_count,
+    unmerge,
+)
 from dsee_scale.errors import ConfigError
 
 IDS = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -32,8 +43,7 @@ def test_only_dsee_parameters_train_and_count_is_exact(tiny_model):
     cfg = DSEEConfig(r=4, num_sparse=8, support="magnitude")
     targets = inject(model, cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.rsplit(".", 1)[1] in ("lora_A", "lora_B", "sparse_values")
-                             for n in trainable)
+    assert trainable and all(n.rsplit(".", 1)[1] in ("lora_A", "lora_B", "sparse_values") for n in trainable)
     # q and v: out x in = hidden x hidden (GPT-2, LLaMA q) and kv_dim x hidden (LLaMA GQA v)
     shapes = [(32, 32), (32, 32)] * 2 if kind == "gpt2" else [(32, 32), (16, 32)] * 2
     expected = sum(4 * (o + i) + 8 for o, i in shapes)
@@ -58,13 +68,19 @@ def test_logits_unchanged_at_init_and_merge_matches(tiny_model):
 
 def test_explicit_patterns_and_slices():
     model = tiny_gpt2()
-    targets = inject(model, DSEEConfig(r=2, num_sparse=4, support="random",
-                                       target_modules=["h.1.attn.c_attn:k", "mlp.c_fc"]))
-    assert sorted(t.key for t in targets) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_attn:k",
-                                              "transformer.h.1.mlp.c_fc"]
+    targets = inject(
+        model,
+        DSEEConfig(r=2, num_sparse=4, support="random", target_modules=["h.1.attn.c_attn:k", "mlp.c_fc"]),
+    )
+    assert sorted(t.key for t in targets) == [
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.1.attn.c_attn:k",
+        "transformer.h.1.mlp.c_fc",
+    ]
     model = tiny_llama()
-    targets = inject(model, DSEEConfig(r=2, num_sparse=4, support="random",
-                                       target_modules=["layers.*.mlp.*_proj"]))
+    targets = inject(
+        model, DSEEConfig(r=2, num_sparse=4, support="random", target_modules=["layers.*.mlp.*_proj"])
+    )
     assert len(targets) == 6
 
 
@@ -79,7 +95,11 @@ def test_adapter_roundtrip_reproduces_logits(tiny_model, tmp_path):
     assert files == ["adapter_model.safetensors", "dsee_config.json"]
     # small: only A, B, S values and indices
     assert set(k.rsplit(".", 1)[1] for k in adapter_state_dict(model)) == {
-        "lora_A", "lora_B", "sparse_values", "sparse_index"}
+        "lora_A",
+        "lora_B",
+        "sparse_values",
+        "sparse_index",
+    }
 
     base = fresh(kind)  # same seed -> same base weights; supports come from the file
     load_adapter(base, tmp_path)
@@ -97,12 +117,15 @@ def test_supports_are_deterministic_for_a_seed():
         assert torch.equal(supports_of(b)[k], v)
 
 
-@pytest.mark.parametrize("cfg,match", [
-    (dict(target_modules=["nothing_here"]), "matches no module"),
-    (dict(target_modules=["embed_tokens"]), "Embedding"),
-    (dict(num_sparse=10**6), "larger than"),
-    (dict(target_modules=["layers.0.self_attn.q_proj:q"]), "not a fused q/k/v"),
-])
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (dict(target_modules=["nothing_here"]), "matches no module"),
+        (dict(target_modules=["embed_tokens"]), "Embedding"),
+        (dict(num_sparse=10**6), "larger than"),
+        (dict(target_modules=["layers.0.self_attn.q_proj:q"]), "not a fused q/k/v"),
+    ],
+)
 def test_bad_targets_name_the_problem(cfg, match):
     with pytest.raises(ConfigError, match=match):
         inject(tiny_llama(), DSEEConfig(**cfg))

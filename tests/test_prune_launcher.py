@@ -1,19 +1,20 @@
 """launchers/prune.py end to end: decisions across ranks, exact pruned model, masks that stay."""
+
 import json
 
 import pytest
 import torch
 import yaml
+from helpers import ROOT, check, launch, losses, save_tiny_model, write_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dsee_scale.adapters import DSEEConfig, inject
+from dsee_scale.checkpoint import ZeroCheckpoint
 from dsee_scale.data import ByteTokenizer, build_corpus, micro_batch
 from dsee_scale.experiment import load_experiment
 from dsee_scale.export import export_checkpoint
-from dsee_scale.checkpoint import ZeroCheckpoint
 from dsee_scale.pruning import LayerPlan, Plan, mask_hooks
-from helpers import ROOT, check, launch, losses, save_tiny_model, write_config
 
 TARGETS = {"gpt2": ["c_attn:q", "c_attn:v", "mlp.c_fc"], "llama": ["q_proj", "v_proj", "up_proj"]}
 
@@ -25,16 +26,31 @@ def tuned(tmp_path_factory):
     for kind in ("gpt2", "llama"):
         kw = {} if kind == "gpt2" else {"num_attention_heads": 4, "num_key_value_heads": 2}
         model = save_tiny_model(root, kind, **kw)
-        cfg = write_config(root / f"{kind}.yaml", model, root / f"{kind}-tuned", root / "cache",
-                           dsee={"target_modules": TARGETS[kind]}, train={"max_steps": 3})
+        cfg = write_config(
+            root / f"{kind}.yaml",
+            model,
+            root / f"{kind}-tuned",
+            root / "cache",
+            dsee={"target_modules": TARGETS[kind]},
+            train={"max_steps": 3},
+        )
         check(launch(cfg, 1))
         out[kind] = (cfg, root / f"{kind}-tuned" / "checkpoints", model)
     return out
 
 
 def prune(cfg, ckpt, out, nproc, *overrides):
-    r = check(launch(ROOT / "launchers" / "prune.py", nproc, "--from", str(ckpt), f"output_dir={out}",
-                     *overrides, config_path=cfg))
+    r = check(
+        launch(
+            ROOT / "launchers" / "prune.py",
+            nproc,
+            "--from",
+            str(ckpt),
+            f"output_dir={out}",
+            *overrides,
+            config_path=cfg,
+        )
+    )
     return r, json.loads((out / "prune_plan.json").read_text())
 
 
@@ -49,10 +65,13 @@ def rebuilt(ckpt_dir, model_path=None):
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     else:
         from dsee_scale.models import ModelConfig, load_config
+
         model = AutoModelForCausalLM.from_config(load_config(ModelConfig(config=exp["model"]["config"])))
     inject(model, DSEEConfig(**exp["dsee"]), load_file(str(ck.dir / "dsee_supports.safetensors")))
-    model.load_state_dict({k: v.float() for k, v in
-                           get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir)).items()}, strict=True)
+    model.load_state_dict(
+        {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir)).items()},
+        strict=True,
+    )
     return model.eval()
 
 
@@ -75,9 +94,15 @@ def test_structured_prune_is_exact_and_the_same_on_one_and_two_ranks(tuned, kind
     corpus = build_corpus(exp.data, ByteTokenizer())
     t = exp.train
     with torch.no_grad():
-        want = sum(tuned_model(input_ids=(ids := micro_batch(corpus.train, 0, m, 0, 1, t.micro_batch_size,
-                                                          t.batch_size, t.seed)), labels=ids).loss.item()
-                   for m in range(t.batch_size // t.micro_batch_size)) / (t.batch_size // t.micro_batch_size)
+        want = sum(
+            tuned_model(
+                input_ids=(
+                    ids := micro_batch(corpus.train, 0, m, 0, 1, t.micro_batch_size, t.batch_size, t.seed)
+                ),
+                labels=ids,
+            ).loss.item()
+            for m in range(t.batch_size // t.micro_batch_size)
+        ) / (t.batch_size // t.micro_batch_size)
     assert losses(root / f"{kind}-p1")[1] == pytest.approx(want, rel=1e-5, abs=1e-5)
     assert losses(root / f"{kind}-p2")[1] == pytest.approx(want, rel=1e-4, abs=1e-4)
 
@@ -90,24 +115,45 @@ def test_structured_prune_is_exact_and_the_same_on_one_and_two_ranks(tuned, kind
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in fresh.parameters())
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits,
-                                   rebuilt(root / f"{kind}-p2" / "checkpoints")(ids).logits,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            loaded(ids).logits, rebuilt(root / f"{kind}-p2" / "checkpoints")(ids).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_unstructured_masks_survive_retuning_checkpoints_and_resume(tuned):
     cfg, ckpt, _ = tuned["llama"]
     root = tuned["root"]
     out = root / "sparse"
-    prune(cfg, ckpt, out, 2, "prune.kind=unstructured", "prune.ratio=0.5", "prune.scope=layer",
-          "prune.score=wabs", "train.max_steps=4", "train.stop_at_step=2")
-    check(launch(ROOT / "launchers" / "prune.py", 1, "--resume", f"output_dir={out}",
-                 "train.max_steps=4", config_path=cfg))
+    prune(
+        cfg,
+        ckpt,
+        out,
+        2,
+        "prune.kind=unstructured",
+        "prune.ratio=0.5",
+        "prune.scope=layer",
+        "prune.score=wabs",
+        "train.max_steps=4",
+        "train.stop_at_step=2",
+    )
+    check(
+        launch(
+            ROOT / "launchers" / "prune.py",
+            1,
+            "--resume",
+            f"output_dir={out}",
+            "train.max_steps=4",
+            config_path=cfg,
+        )
+    )
     assert sorted(losses(out)) == [1, 2, 3, 4]
     ck = ZeroCheckpoint(out / "checkpoints")
     assert ck.tag == "step_4"
-    names = [n for n in ck.frozen_shapes if ".layers." in n and n.endswith("weight")
-             and ck.frozen_shapes[n].numel() > 64]  # the blocks' projection matrices
+    names = [
+        n
+        for n in ck.frozen_shapes
+        if ".layers." in n and n.endswith("weight") and ck.frozen_shapes[n].numel() > 64
+    ]  # the blocks' projection matrices
     assert names
     for n in names:
         w = ck.tensor(n)
@@ -124,16 +170,18 @@ def test_gradual_schedule_by_pruning_a_pruned_run_again(tuned):
     cfg, ckpt, model_path = tuned["gpt2"]
     root = tuned["root"]
     _, first = prune(cfg, ckpt, root / "g1", 1, "prune.heads_per_layer=1", "train.max_steps=2")
-    _, second = prune(cfg, root / "g1" / "checkpoints", root / "g2", 1, "prune.heads_per_layer=1",
-                      "train.max_steps=2")
+    _, second = prune(
+        cfg, root / "g1" / "checkpoints", root / "g2", 1, "prune.heads_per_layer=1", "train.max_steps=2"
+    )
     assert first["config"]["n_head"] == 3 and second["config"]["n_head"] == 2
     out = root / "g2-export"
     export_checkpoint(str(root / "g2" / "checkpoints"), str(out))
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, rebuilt(root / "g2" / "checkpoints")(ids).logits,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            loaded(ids).logits, rebuilt(root / "g2" / "checkpoints")(ids).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -158,34 +206,65 @@ def test_wanda_and_activation_scores_through_the_launcher(tuned):
     cfg, ckpt, model_path = tuned["llama"]
     root = tuned["root"]
     out = root / "wanda"
-    _, plan = prune(cfg, ckpt, out, 2, "prune.kind=unstructured", "prune.score=wanda",
-                    "prune.ratio=0.3", "prune.calibration_batches=2", "train.max_steps=1")
+    _, plan = prune(
+        cfg,
+        ckpt,
+        out,
+        2,
+        "prune.kind=unstructured",
+        "prune.score=wanda",
+        "prune.ratio=0.3",
+        "prune.calibration_batches=2",
+        "train.max_steps=1",
+    )
     # the same masks as the library computes on the whole tuned model with the same batches
     exp = load_experiment(str(cfg))
     corpus = build_corpus(exp.data, ByteTokenizer())
     t = exp.train
-    batches = [micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)
-               for s in range(2)]
+    batches = [
+        micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)
+        for s in range(2)
+    ]
     model = rebuilt(ckpt, model_path)
     layers = U.prunable(model)
     keep = U.masks(U.scores(layers, "wanda", U.input_norms(model, layers, batches)), 0.3, "global")
     ck = ZeroCheckpoint(out / "checkpoints")
     for name, k in keep.items():
-        w_name = f"{name}.base_layer.weight" if f"{name}.base_layer.weight" in ck.frozen_shapes else f"{name}.weight"
+        w_name = (
+            f"{name}.base_layer.weight"
+            if f"{name}.base_layer.weight" in ck.frozen_shapes
+            else f"{name}.weight"
+        )
         w = ck.tensor(w_name).float()
         zero = w == 0
         assert torch.equal(zero, ~k), name
 
-    _, plan_s = prune(cfg, ckpt, root / "act", 1, "prune.heads_per_layer=1", "prune.head_score=activation",
-                      "prune.channels_per_layer=8", "prune.channel_score=activation", "train.max_steps=1")
+    _, plan_s = prune(
+        cfg,
+        ckpt,
+        root / "act",
+        1,
+        "prune.heads_per_layer=1",
+        "prune.head_score=activation",
+        "prune.channels_per_layer=8",
+        "prune.channel_score=activation",
+        "train.max_steps=1",
+    )
     assert len(plan_s["decision"]["layers"][0]["q_heads"]) == 2
 
 
 def test_head_count_the_kv_groups_cannot_take_is_a_clear_error(tuned):
     cfg, ckpt, _ = tuned["llama"]  # 4 q heads in 2 kv groups
     out = tuned["root"] / "bad-heads"
-    r = launch(ROOT / "launchers" / "prune.py", 1, "--from", str(ckpt), f"output_dir={out}",
-               "prune.heads_per_layer=2", config_path=cfg)
+    r = launch(
+        ROOT / "launchers" / "prune.py",
+        1,
+        "--from",
+        str(ckpt),
+        f"output_dir={out}",
+        "prune.heads_per_layer=2",
+        config_path=cfg,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "prune.heads_per_layer: cannot remove 2 of the 2 q heads of a kv group" in r.stderr
     assert not (out / "checkpoints").exists()

@@ -1,4 +1,5 @@
 """Multi-node launch paths: a REAL Slurm on this machine, two deepspeed "nodes", NVMe offload."""
+
 import os
 import shutil
 import signal
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, check, free_port, launch, losses, save_tiny_model, write_config
 
 DAEMONS = ("munge", "slurmd", "slurmctld", "slurm-client")
@@ -26,12 +26,23 @@ def _install_slurm() -> str | None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return "Slurm is not installed and apt-get cannot be run here (needs root)"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    r = _sh("apt-get", "install", "-y", "-q", "slurmd", "slurmctld", "slurm-client", "munge",
-            env=env, timeout=900)
+    r = _sh(
+        "apt-get", "install", "-y", "-q", "slurmd", "slurmctld", "slurm-client", "munge", env=env, timeout=900
+    )
     if r.returncode != 0:
         _sh("apt-get", "update", "-q", env=env, timeout=900)
-        r = _sh("apt-get", "install", "-y", "-q", "slurmd", "slurmctld", "slurm-client", "munge",
-                env=env, timeout=900)
+        r = _sh(
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            "slurmd",
+            "slurmctld",
+            "slurm-client",
+            "munge",
+            env=env,
+            timeout=900,
+        )
     if r.returncode != 0:
         return "apt-get could not install slurmd/slurmctld/slurm-client/munge: " + r.stderr.strip()[-200:]
     return None
@@ -135,9 +146,20 @@ def _wait(job: str, env, timeout=900) -> str:
 
 def _sbatch(env, script, config, **extra) -> str:
     e = dict(env, CONFIG=str(config), GPUS_PER_NODE="2", DS_ACCELERATOR="cpu", **extra)
-    r = _sh("sbatch", "--parsable", "-p", "debug", "--gres=none", "-c", "1",
-            "-o", str(Path(config).parent / "slurm-%j.out"), str(ROOT / "launchers" / "slurm" / script),
-            cwd=ROOT, env=e)
+    r = _sh(
+        "sbatch",
+        "--parsable",
+        "-p",
+        "debug",
+        "--gres=none",
+        "-c",
+        "1",
+        "-o",
+        str(Path(config).parent / "slurm-%j.out"),
+        str(ROOT / "launchers" / "slurm" / script),
+        cwd=ROOT,
+        env=e,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
 
@@ -166,8 +188,13 @@ def test_train_sbatch_on_real_slurm_then_requeue_resume_and_export(slurm, tmp_pa
     assert _wait(job3, slurm) == "COMPLETED", (tmp_path / f"slurm-{job3}.out").read_text()[-3000:]
     assert (out / "export-merged" / "config.json").is_file()
 
-    job4 = _sbatch(slurm, "prune.sbatch", cfg, PRUNE="prune.heads_per_layer=1 prune.channels_per_layer=16",
-                   OVERRIDES="train.max_steps=2")
+    job4 = _sbatch(
+        slurm,
+        "prune.sbatch",
+        cfg,
+        PRUNE="prune.heads_per_layer=1 prune.channels_per_layer=16",
+        OVERRIDES="train.max_steps=2",
+    )
     assert _wait(job4, slurm) == "COMPLETED", (tmp_path / f"slurm-{job4}.out").read_text()[-3000:]
     pruned = tmp_path / "run-pruned"
     assert (pruned / "checkpoints" / "latest").read_text() == "step_2"
@@ -181,17 +208,54 @@ def test_two_deepspeed_nodes_match_one_launcher(tmp_path):
     two = write_config(tmp_path / "two.yaml", model, tmp_path / "two", tmp_path / "cache")
     port = free_port()
     hostfile = tmp_path / "hostfile"  # two "nodes" (names only: --no_ssh never connects)
-    r = subprocess.run([sys.executable, "-m", "dsee_scale", "hostfile", "--slots", "1",
-                        "--nodelist", "node[0-1]", "--out", str(hostfile)], cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsee_scale",
+            "hostfile",
+            "--slots",
+            "1",
+            "--nodelist",
+            "node[0-1]",
+            "--out",
+            str(hostfile),
+        ],
+        cwd=ROOT,
+    )
     assert r.returncode == 0 and hostfile.read_text() == "node0 slots=1\nnode1 slots=1\n"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
-         "--no_ssh", "--num_nodes", "2",
-         "--node_rank", str(rank), "--num_gpus", "1", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), str(ROOT / "launchers" / "train.py"), "--config", str(two)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.runner",
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--num_nodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--num_gpus",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                str(ROOT / "launchers" / "train.py"),
+                "--config",
+                str(two),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -213,9 +277,14 @@ def test_nvme_offload_trains(tmp_path):
     except Exception as e:
         pytest.skip(f"DeepSpeed's async_io op does not load here: {e}")
     model = save_tiny_model(tmp_path, "gpt2")
-    cfg = write_config(tmp_path / "nvme.yaml", model, tmp_path / "run", tmp_path / "cache",
-                       deepspeed=str(ROOT / "ds_configs" / "zero3_offload_nvme.json"),
-                       nvme_path=str(tmp_path / "nvme"))
+    cfg = write_config(
+        tmp_path / "nvme.yaml",
+        model,
+        tmp_path / "run",
+        tmp_path / "cache",
+        deepspeed=str(ROOT / "ds_configs" / "zero3_offload_nvme.json"),
+        nvme_path=str(tmp_path / "nvme"),
+    )
     check(launch(cfg, 1))
     assert sorted(losses(tmp_path / "run")) == list(range(1, 7))
     assert any((tmp_path / "nvme").rglob("*.swp")) or any((tmp_path / "nvme").iterdir())

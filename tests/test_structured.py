@@ -1,13 +1,21 @@
 """Structured pruning: surgery == masking, exact parameter counts, loadable results."""
+
 import copy
 
 import pytest
 import torch
+from helpers import randomize_dsee, tiny_gpt2, tiny_llama
 from transformers import AutoModelForCausalLM
 
-from helpers import randomize_dsee, tiny_gpt2, tiny_llama
 from dsee_scale.adapters import DSEEConfig, DSEELayer, inject, merge_and_unload
-from dsee_scale.pruning import apply_plan, channel_scores, collect_activations, head_scores, make_plan, mask_hooks
+from dsee_scale.pruning import (
+    apply_plan,
+    channel_scores,
+    collect_activations,
+    head_scores,
+    make_plan,
+    mask_hooks,
+)
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -16,8 +24,18 @@ ALL_GPT2 = ["c_attn:q", "c_attn:v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 CASES = {
     "gpt2": (lambda: tiny_gpt2(), ALL_GPT2, 1, "per_group"),
     "llama-mha": (lambda: tiny_llama(num_key_value_heads=4), ALL_LLAMA, 1, "per_group"),
-    "llama-gqa": (lambda: tiny_llama(num_attention_heads=4, num_key_value_heads=2), ALL_LLAMA, 1, "per_group"),
-    "llama-gqa-groups": (lambda: tiny_llama(num_attention_heads=4, num_key_value_heads=2), ALL_LLAMA, 1, "kv_groups"),
+    "llama-gqa": (
+        lambda: tiny_llama(num_attention_heads=4, num_key_value_heads=2),
+        ALL_LLAMA,
+        1,
+        "per_group",
+    ),
+    "llama-gqa-groups": (
+        lambda: tiny_llama(num_attention_heads=4, num_key_value_heads=2),
+        ALL_LLAMA,
+        1,
+        "kv_groups",
+    ),
 }
 
 
@@ -33,8 +51,14 @@ def dsee_model(case):
 def test_pruning_equals_masking(case):
     model = dsee_model(case)
     _, _, prune_heads, gqa = CASES[case]
-    plan = make_plan(model, head_scores(model, "dsee"), prune_heads,
-                     channel_scores(model, "weight"), prune_channels=16, gqa=gqa)
+    plan = make_plan(
+        model,
+        head_scores(model, "dsee"),
+        prune_heads,
+        channel_scores(model, "weight"),
+        prune_channels=16,
+        gqa=gqa,
+    )
     masked = copy.deepcopy(model)
     handles = mask_hooks(masked, plan)
     with torch.no_grad():
@@ -55,8 +79,14 @@ def test_pruning_equals_masking(case):
 def test_parameter_count_and_plain_transformers_loading(case, tmp_path):
     model = dsee_model(case)
     _, _, prune_heads, gqa = CASES[case]
-    plan = make_plan(model, head_scores(model, "weight"), prune_heads,
-                     channel_scores(model, "weight"), prune_channels=16, gqa=gqa)
+    plan = make_plan(
+        model,
+        head_scores(model, "weight"),
+        prune_heads,
+        channel_scores(model, "weight"),
+        prune_channels=16,
+        gqa=gqa,
+    )
     apply_plan(model, plan)
     merge_and_unload(model)
     n = sum(p.numel() for p in model.parameters())

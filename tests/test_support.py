@@ -1,9 +1,10 @@
 """Support selection: GreBsmo against a literal oracle, planted recovery, exact N, determinism."""
+
 import pytest
 import torch
+from reference_grebsmo import grebsmo_reference, top_n_reference
 
 from dsee_scale.adapters.support import METHODS, grebsmo_sparse, select_supports, top_n
-from reference_grebsmo import grebsmo_reference, top_n_reference
 
 
 def planted(m, n, rank, N, seed, dtype=torch.float64):
@@ -12,7 +13,9 @@ def planted(m, n, rank, N, seed, dtype=torch.float64):
     L = torch.randn(m, rank, generator=g, dtype=dtype) @ torch.randn(rank, n, generator=g, dtype=dtype)
     flat = torch.randperm(m * n, generator=g)[:N]
     spikes = torch.zeros(m * n, dtype=dtype)
-    spikes[flat] = torch.sign(torch.randn(N, generator=g, dtype=dtype)) * (1 + torch.rand(N, generator=g, dtype=dtype))
+    spikes[flat] = torch.sign(torch.randn(N, generator=g, dtype=dtype)) * (
+        1 + torch.rand(N, generator=g, dtype=dtype)
+    )
     return 0.05 * L + spikes.view(m, n), set(flat.tolist())
 
 
@@ -28,13 +31,18 @@ def test_grebsmo_recovers_planted_support(shape, rank, N, rounds):
     assert len(got & truth) / N >= 0.9
 
 
-@pytest.mark.parametrize("shape,rounds,dtype", [
-    ((64, 48), 2, torch.float64), ((64, 48), 2, torch.float32),
-    ((120, 100), 3, torch.float64), ((120, 100), 3, torch.float32),
-    # Past the planted rank, V fits the spikes themselves and float32 rounding decides which:
-    # there only float64 is a meaningful comparison.
-    ((40, 90), 100, torch.float64),
-])
+@pytest.mark.parametrize(
+    "shape,rounds,dtype",
+    [
+        ((64, 48), 2, torch.float64),
+        ((64, 48), 2, torch.float32),
+        ((120, 100), 3, torch.float64),
+        ((120, 100), 3, torch.float32),
+        # Past the planted rank, V fits the spikes themselves and float32 rounding decides which:
+        # there only float64 is a meaningful comparison.
+        ((40, 90), 100, torch.float64),
+    ],
+)
 def test_grebsmo_agrees_with_literal_oracle(shape, rounds, dtype):
     W, _ = planted(*shape, 3, 40, seed=1, dtype=dtype)
     S_ref = grebsmo_reference(W, seed=7, rounds=rounds)
@@ -49,7 +57,7 @@ def test_grebsmo_batch_equals_one_by_one():
     Ws = torch.stack([planted(50, 40, 2, 20, seed=s)[0] for s in range(3)])  # float64
     batched = grebsmo_sparse(Ws, [0, 1, 2], rounds=4)
     for i in range(3):
-        single = grebsmo_sparse(Ws[i:i + 1], [i], rounds=4)[0]
+        single = grebsmo_sparse(Ws[i : i + 1], [i], rounds=4)[0]
         torch.testing.assert_close(batched[i], single, rtol=1e-9, atol=1e-9)
         assert torch.equal(top_n(batched[i].abs(), 20), top_n(single.abs(), 20))
 
@@ -57,8 +65,11 @@ def test_grebsmo_batch_equals_one_by_one():
 @pytest.mark.parametrize("method", METHODS)
 def test_exactly_n_distinct_sorted_and_deterministic(method):
     g = torch.Generator().manual_seed(0)
-    weights = {"a": torch.randn(30, 20, generator=g), "b": torch.randn(30, 20, generator=g),
-               "c": torch.randn(12, 20, generator=g)}
+    weights = {
+        "a": torch.randn(30, 20, generator=g),
+        "b": torch.randn(30, 20, generator=g),
+        "c": torch.randn(12, 20, generator=g),
+    }
     seeds = {"a": 1, "b": 2, "c": 3}
     kw = dict(grebsmo_rounds=3)
     first = select_supports(weights, 25, method, seeds, **kw)

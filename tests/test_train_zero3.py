@@ -1,10 +1,11 @@
 """ZeRO-3 training through launchers/train.py with real processes (2 ranks where it matters)."""
+
 import json
 
 import pytest
 import torch
-
 from helpers import check, launch, losses, plain_reference_losses, save_tiny_model, write_config
+
 from dsee_scale.training.trainer import supports_digest
 
 
@@ -51,9 +52,19 @@ def test_tensorboard_has_the_scalars_and_histograms(work):
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/perplexity", "train/lr", "train/grad_norm", "train/samples",
-                "perf/tokens_per_s", "perf/step_time_s", "mem/rss_mb", "model/trainable_params",
-                "eval/loss", "eval/perplexity"):
+    for tag in (
+        "train/loss",
+        "train/perplexity",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples",
+        "perf/tokens_per_s",
+        "perf/step_time_s",
+        "mem/rss_mb",
+        "model/trainable_params",
+        "eval/loss",
+        "eval/perplexity",
+    ):
         assert tag in tags, (tag, tags)
     loss_events = acc.Scalars("train/loss")
     assert [e.step for e in loss_events] == list(range(1, 7))
@@ -65,10 +76,12 @@ def test_offload_trains_memorisable_batch_and_resumes_exactly(work):
     root, models = work
     from helpers import ROOT
 
-    kw = dict(data={"max_train_blocks": 2, "max_eval_blocks": 2},
-              dsee={"r": 8, "target_modules": ["*_proj"]},
-              train={"lr": 5e-2, "schedule": "constant", "warmup_steps": 0},
-              deepspeed=str(ROOT / "ds_configs" / "zero3_offload_cpu.json"))
+    kw = dict(
+        data={"max_train_blocks": 2, "max_eval_blocks": 2},
+        dsee={"r": 8, "target_modules": ["*_proj"]},
+        train={"lr": 5e-2, "schedule": "constant", "warmup_steps": 0},
+        deepspeed=str(ROOT / "ds_configs" / "zero3_offload_cpu.json"),
+    )
     full = write_config(root / "off-full.yaml", models["llama-wide"], root / "off-full", root / "cache", **kw)
     check(launch(full, 1))
     l_full = losses(root / "off-full")
@@ -101,15 +114,22 @@ def test_resume_two_ranks_on_one_rank(work):
 
 def test_gradient_checkpointing_and_bf16(work):
     root, models = work
-    gc = write_config(root / "gc.yaml", models["llama"], root / "gc", root / "cache",
-                      train={"gradient_checkpointing": True})
+    gc = write_config(
+        root / "gc.yaml", models["llama"], root / "gc", root / "cache", train={"gradient_checkpointing": True}
+    )
     check(launch(gc, 1))
     ref = root / "llama-out1"
     if ref.is_dir():
         for s, v in losses(ref).items():
             assert losses(root / "gc")[s] == pytest.approx(v, rel=1e-5, abs=1e-5)
-    bf = write_config(root / "bf16.yaml", models["gpt2"], root / "bf16", root / "cache",
-                      train={"precision": "bf16", "lr": 2e-2}, data={"max_train_blocks": 2})
+    bf = write_config(
+        root / "bf16.yaml",
+        models["gpt2"],
+        root / "bf16",
+        root / "cache",
+        train={"precision": "bf16", "lr": 2e-2},
+        data={"max_train_blocks": 2},
+    )
     check(launch(bf, 1))
     lb = losses(root / "bf16")
     assert all(torch.isfinite(torch.tensor(v)) for v in lb.values()) and lb[6] < lb[1]
@@ -119,8 +139,9 @@ def test_deepspeed_config_conflict_is_a_clear_error(work, tmp_path):
     root, models = work
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3}}))
-    cfg = write_config(tmp_path / "c.yaml", models["gpt2"], tmp_path / "out", root / "cache",
-                       deepspeed=str(ds))
+    cfg = write_config(
+        tmp_path / "c.yaml", models["gpt2"], tmp_path / "out", root / "cache", deepspeed=str(ds)
+    )
     r = launch(cfg, 1)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "train_micro_batch_size_per_gpu=8 conflicts with train.micro_batch_size=2" in r.stderr

@@ -1,8 +1,9 @@
 """Unstructured pruning: scores against the dense formulas, exact ratios, masks that stay."""
+
 import pytest
 import torch
-
 from helpers import randomize_dsee, tiny_gpt2, tiny_llama
+
 from dsee_scale.adapters import DSEEConfig, inject, merge
 from dsee_scale.adapters.layer import weight_out_in
 from dsee_scale.pruning import unstructured as U

@@ -1,4 +1,5 @@
 """DSEEConfig: what to inject, where, and how the sparse support is chosen."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,15 +50,17 @@ class DSEEConfig:
         if self.grebsmo_threshold < 0:
             raise ConfigError(f"{section}.grebsmo_threshold: must be >= 0")
         if not 0.0 < self.grebsmo_rank_fraction <= 1.0:
-            raise ConfigError(f"{section}.grebsmo_rank_fraction: got {self.grebsmo_rank_fraction}, "
-                              "must be in (0, 1]")
+            raise ConfigError(
+                f"{section}.grebsmo_rank_fraction: got {self.grebsmo_rank_fraction}, must be in (0, 1]"
+            )
         if self.svd_rank < 1:
             raise ConfigError(f"{section}.svd_rank: got {self.svd_rank}, must be >= 1")
         for pat in self.target_modules:
             if not pat or pat.count(":") > 1 or (":" in pat and pat.split(":")[1] not in ("q", "k", "v")):
                 raise ConfigError(
                     f"{section}.target_modules: bad pattern {pat!r}; use a module name pattern, "
-                    "optionally with :q, :k or :v for a fused qkv projection")
+                    "optionally with :q, :k or :v for a fused qkv projection"
+                )
 
     def scaling(self) -> float:
         return self.alpha / self.r

@@ -11,6 +11,7 @@ product, so S costs O(tokens x N) forward and backward and no dense out x in ten
 exists for S, its mask or its gradient. (The authors keep a
 dense S and a mask; that makes S's gradient and optimizer state O(out x in).)
 """
+
 from __future__ import annotations
 
 import math
@@ -56,21 +57,31 @@ class _SparseLowRankUpdate(torch.autograd.Function):
 
 def sparse_low_rank_update(x, A, B, values, index, scaling: float) -> torch.Tensor:
     """(alpha/r)(B A x + S x) for S = (values at index=[rows; cols]); x is (..., in)."""
-    return _SparseLowRankUpdate.apply(x, A.to(x.dtype), B.to(x.dtype), values.to(x.dtype),
-                                      index[0], index[1], scaling)
+    return _SparseLowRankUpdate.apply(
+        x, A.to(x.dtype), B.to(x.dtype), values.to(x.dtype), index[0], index[1], scaling
+    )
 
 
 class SparseLowRankDelta(nn.Module):
     """(alpha / r) * (B A + S) applied to x, for one weight matrix (or one slice of a fused one)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float,
-                 index: torch.Tensor, dropout: float = 0.0):
+    sparse_index: torch.Tensor  # (2, N) int64 buffer: rows; cols of Omega
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        index: torch.Tensor,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.scaling = alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r))           # update is 0 at step 0
-        self.sparse_values = nn.Parameter(torch.zeros(index.shape[1]))     # S = 0 at step 0
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r))  # update is 0 at step 0
+        self.sparse_values = nn.Parameter(torch.zeros(index.shape[1]))  # S = 0 at step 0
         self.register_buffer("sparse_index", index.to(torch.long).clone())  # Omega: rows, cols
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -92,8 +103,9 @@ class SparseLowRankDelta(nn.Module):
             self.sparse_values.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_low_rank_update(self.dropout(x), self.lora_A, self.lora_B,
-                                      self.sparse_values, self.sparse_index, self.scaling)
+        return sparse_low_rank_update(
+            self.dropout(x), self.lora_A, self.lora_B, self.sparse_values, self.sparse_index, self.scaling
+        )
 
     def delta_weight(self) -> torch.Tensor:
         """The dense out x in update (alpha / r)(B A + S): for merging and export only."""

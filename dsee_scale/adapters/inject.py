@@ -8,6 +8,7 @@
 `inject` takes precomputed `supports`: under ZeRO-3, `choose_supports` picks them on gathered
 weights with the work spread over ranks, and gives every rank the same ones.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -28,12 +29,23 @@ from ..errors import ConfigError, UserError
 from ..zero import comm
 from .config import DSEEConfig
 from .delta import SparseLowRankDelta
-from .layer import BASE, MARKER, DSEELayer, is_dsee_name, layer_dims, slice_bounds, unwrap, weight_out_in
+from .layer import (
+    BASE,
+    MARKER,
+    DSEELayer,
+    is_dsee_name,
+    layer_dims,
+    slice_bounds,
+    unwrap,
+    weight_of,
+    weight_out_in,
+)
 from .support import select_supports
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "dsee_config.json"
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+DSEE_CONFIG_ATTR = "dsee_config"  # an injected model carries its DSEEConfig here
 
 
 @dataclass(frozen=True)
@@ -63,29 +75,39 @@ def resolve_targets(model: nn.Module, cfg: DSEEConfig) -> list[Target]:
         except ValueError:
             raise ConfigError(
                 f"dsee.target_modules: required for model type {_model_type(model)!r} "
-                f"(defaults exist for: {', '.join(BY_MODEL_TYPE)})") from None
+                f"(defaults exist for: {', '.join(BY_MODEL_TYPE)})"
+            ) from None
     modules = dict(model.named_modules())
     found: dict[str, set[str]] = {}
     for pat in patterns:
         name_pat, _, slice_name = pat.partition(":")
-        hits = [n for n, m in modules.items()
-                if n and (fnmatch.fnmatchcase(n, name_pat) or fnmatch.fnmatchcase(n, "*." + name_pat))
-                and not isinstance(m, DSEELayer) and not is_dsee_name(n) and not n.endswith("." + BASE)]
+        hits = [
+            n
+            for n, m in modules.items()
+            if n
+            and (fnmatch.fnmatchcase(n, name_pat) or fnmatch.fnmatchcase(n, "*." + name_pat))
+            and not isinstance(m, DSEELayer)
+            and not is_dsee_name(n)
+            and not n.endswith("." + BASE)
+        ]
         if not hits:
             sample = ", ".join(n for n, m in modules.items() if isinstance(m, SUPPORTED_LAYERS))
             raise ConfigError(
                 f"dsee.target_modules: pattern {pat!r} matches no module of this "
-                f"{_model_type(model)} model; Linear/Conv1D modules are: {sample[:300]}")
+                f"{_model_type(model)} model; Linear/Conv1D modules are: {sample[:300]}"
+            )
         for n in hits:
             m = modules[n]
             if not isinstance(m, SUPPORTED_LAYERS):
                 raise ConfigError(
                     f"dsee.target_modules: {pat!r} matches {n!r}, a {type(m).__name__}; "
-                    "DSEE targets torch.nn.Linear and transformers Conv1D layers")
+                    "DSEE targets torch.nn.Linear and transformers Conv1D layers"
+                )
             if slice_name and layer_dims(m)[1] % 3:
                 raise ConfigError(
                     f"dsee.target_modules: {pat!r} asks for a q/k/v slice of {n!r}, whose "
-                    f"{layer_dims(m)[1]} outputs are not a fused q/k/v of three equal parts")
+                    f"{layer_dims(m)[1]} outputs are not a fused q/k/v of three equal parts"
+                )
             found.setdefault(n, set()).add(slice_name or FULL)
     targets = []
     for n, slices in found.items():
@@ -120,27 +142,38 @@ def check_num_sparse(model: nn.Module, targets: list[Target], cfg: DSEEConfig) -
         if cfg.num_sparse > rows * cols:
             raise ConfigError(
                 f"dsee.num_sparse: {cfg.num_sparse} is larger than {t.key} "
-                f"({rows} x {cols} = {rows * cols} entries); allowed: 0..{rows * cols}")
+                f"({rows} x {cols} = {rows * cols} entries); allowed: 0..{rows * cols}"
+            )
 
 
-def compute_supports(weights: dict[str, torch.Tensor], targets: list[Target],
-                     cfg: DSEEConfig) -> dict[str, torch.Tensor]:
+def compute_supports(
+    weights: dict[str, torch.Tensor], targets: list[Target], cfg: DSEEConfig
+) -> dict[str, torch.Tensor]:
     """Omega for each target from its (full, gathered) weight, keyed by Target.key."""
-    return select_supports(weights, cfg.num_sparse, cfg.support,
-                           {t.key: t.seed(cfg.seed) for t in targets},
-                           grebsmo_rounds=cfg.grebsmo_rounds,
-                           grebsmo_threshold=cfg.grebsmo_threshold,
-                           grebsmo_rank_fraction=cfg.grebsmo_rank_fraction, svd_rank=cfg.svd_rank)
+    return select_supports(
+        weights,
+        cfg.num_sparse,
+        cfg.support,
+        {t.key: t.seed(cfg.seed) for t in targets},
+        grebsmo_rounds=cfg.grebsmo_rounds,
+        grebsmo_threshold=cfg.grebsmo_threshold,
+        grebsmo_rank_fraction=cfg.grebsmo_rank_fraction,
+        svd_rank=cfg.svd_rank,
+    )
 
 
-def choose_supports(model: nn.Module, targets: list[Target], cfg: DSEEConfig,
-                    progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+def choose_supports(
+    model: nn.Module,
+    targets: list[Target],
+    cfg: DSEEConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
     """Omega of every target, the selection work spread over ranks; all ranks get all supports.
 
     Under ZeRO-3 each rank is handed one gathered weight per wave (zero.full_tensors_one_per_rank),
     selects its support while the others select theirs, and the wave's supports are exchanged.
     On one process this is compute_supports on every weight, one at a time."""
-    items = [(t, base_layer(model, t).weight, lambda t=t: target_weight(model, t)) for t in targets]
+    items = [(t, weight_of(base_layer(model, t)), lambda t=t: target_weight(model, t)) for t in targets]
     supports: dict[str, torch.Tensor] = {}
     for done, mine in zero.full_tensors_one_per_rank(items):
         local = {}
@@ -155,21 +188,31 @@ def choose_supports(model: nn.Module, targets: list[Target], cfg: DSEEConfig,
     return supports
 
 
-def build_delta(model: nn.Module, t: Target, cfg: DSEEConfig, index: torch.Tensor,
-                dtype: torch.dtype | None = None) -> SparseLowRankDelta:
+def build_delta(
+    model: nn.Module, t: Target, cfg: DSEEConfig, index: torch.Tensor, dtype: torch.dtype | None = None
+) -> SparseLowRankDelta:
     rows, cols = target_shape(model, t)
     # N may be smaller than num_sparse after structured pruning cut rows / columns of S
-    if index.dim() != 2 or index.shape[0] != 2 or index.shape[1] > cfg.num_sparse or (index.numel() and (
-            int(index[0].max()) >= rows or int(index[1].max()) >= cols or int(index.min()) < 0)):
-        raise UserError(f"support for {t.key} does not fit a {rows} x {cols} matrix "
-                        f"with num_sparse={cfg.num_sparse}")
+    if (
+        index.dim() != 2
+        or index.shape[0] != 2
+        or index.shape[1] > cfg.num_sparse
+        or (
+            index.numel()
+            and (int(index[0].max()) >= rows or int(index[1].max()) >= cols or int(index.min()) < 0)
+        )
+    ):
+        raise UserError(
+            f"support for {t.key} does not fit a {rows} x {cols} matrix with num_sparse={cfg.num_sparse}"
+        )
     delta = SparseLowRankDelta(cols, rows, cfg.r, cfg.alpha, index, cfg.dropout)
     delta.reset_parameters(torch.Generator().manual_seed(t.seed(cfg.seed) + 1), cfg.init_a)
     return delta.to(dtype) if dtype is not None else delta
 
 
-def inject(model: nn.Module, cfg: DSEEConfig,
-           supports: dict[str, torch.Tensor] | None = None) -> list[Target]:
+def inject(
+    model: nn.Module, cfg: DSEEConfig, supports: dict[str, torch.Tensor] | None = None
+) -> list[Target]:
     """Freeze the model and wrap each targeted layer in a DSEELayer. Returns the targets."""
     targets = resolve_targets(model, cfg)
     check_num_sparse(model, targets, cfg)
@@ -186,12 +229,13 @@ def inject(model: nn.Module, cfg: DSEEConfig,
         by_module.setdefault(t.module, []).append(t)
     for name, ts in by_module.items():
         base = model.get_submodule(name)
-        w = base.weight
-        deltas = {t.slice: build_delta(model, t, cfg, supports[t.key]).to(zero.placement(w), w.dtype)
-                  for t in ts}
+        w = weight_of(base)
+        deltas = {
+            t.slice: build_delta(model, t, cfg, supports[t.key]).to(zero.placement(w), w.dtype) for t in ts
+        }
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, DSEELayer(base, deltas))
-    model.dsee_config = cfg
+    setattr(model, DSEE_CONFIG_ATTR, cfg)  # noqa: B010 (what save_adapter writes)
     return targets
 
 
@@ -222,7 +266,7 @@ def merge_and_unload(model: nn.Module) -> None:
 def supports_of(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, layer in dsee_layers(model):
-        for s, delta in layer.dsee.items():
+        for s, delta in layer.updates():
             out[Target(name, s).key] = delta.sparse_index
     return out
 
@@ -253,8 +297,11 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt", "dsee_scale": "adapter"})
-    meta = {"dsee": asdict(model.dsee_config), "model_type": _model_type(model),
-            "targets": sorted(supports_of(model))}
+    meta = {
+        "dsee": asdict(getattr(model, DSEE_CONFIG_ATTR)),
+        "model_type": _model_type(model),
+        "targets": sorted(supports_of(model)),
+    }
     (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
     return out
 
@@ -283,8 +330,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> list[Target]:
     targets = inject(model, cfg, supports)
     missing, unexpected = _load_into(model, state)
     if missing or unexpected:
-        raise UserError(f"adapter in {str(d)!r} does not match the model: "
-                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(
+            f"adapter in {str(d)!r} does not match the model: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return targets
 
 

@@ -5,7 +5,11 @@ as three equal output slices; "q and v" puts an update on slices "q" and "v" onl
 The base weight is always read as out x in (`weight_out_in`), whatever the layer stores
 (Conv1D stores in x out).
 """
+
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -37,9 +41,14 @@ def unwrap(layer: nn.Module) -> nn.Module:
     return layer.base_layer if isinstance(layer, DSEELayer) else layer
 
 
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """A Linear's / Conv1D's weight parameter, as stored."""
+    return cast(torch.Tensor, layer.weight)
+
+
 def layer_dims(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear or Conv1D (its full shape under ZeRO-3)."""
-    shape = full_shape(layer.weight)
+    shape = full_shape(weight_of(layer))
     if isinstance(layer, Conv1D):
         return shape[0], shape[1]
     return shape[1], shape[0]
@@ -57,11 +66,14 @@ def slice_bounds(layer: nn.Module, slice_name: str) -> tuple[int, int]:
 
 def weight_out_in(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as out x in (a view for Linear, a transpose for Conv1D)."""
-    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+    weight = weight_of(layer)
+    return weight.t() if isinstance(layer, Conv1D) else weight
 
 
 class DSEELayer(nn.Module):
     """y = base(x) + sum over slices s of (alpha/r)(B_s A_s x + S_s x) written to rows of s."""
+
+    base_layer: nn.Module
 
     def __init__(self, base_layer: nn.Module, deltas: dict[str, SparseLowRankDelta]):
         super().__init__()
@@ -73,6 +85,14 @@ class DSEELayer(nn.Module):
     def weight(self):  # transformers code sometimes reads module.weight (dtype checks)
         return self.base_layer.weight
 
+    def updates(self) -> Iterator[tuple[str, SparseLowRankDelta]]:
+        """(slice name, its update) pairs."""
+        for name, delta in self.dsee.items():
+            yield name, cast(SparseLowRankDelta, delta)
+
+    def update(self, slice_name: str) -> SparseLowRankDelta:
+        return cast(SparseLowRankDelta, self.dsee[slice_name])
+
     def bounds(self, name: str) -> tuple[int, int]:
         return slice_bounds(self.base_layer, name)
 
@@ -80,7 +100,7 @@ class DSEELayer(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
-        for name, delta in self.dsee.items():
+        for name, delta in self.updates():
             lo, hi = self.bounds(name)
             d = delta(x).to(y.dtype)
             if hi - lo == y.shape[-1]:
@@ -92,7 +112,7 @@ class DSEELayer(nn.Module):
     @torch.no_grad()
     def _fold(self, sign: float) -> None:
         w = weight_out_in(self.base_layer)
-        for name, delta in self.dsee.items():
+        for name, delta in self.updates():
             lo, hi = self.bounds(name)
             w[lo:hi] += sign * delta.delta_weight().to(w.dtype)
 

@@ -19,6 +19,7 @@ method's 100 rounds of +5 reach rank 501 = 0.65 x 768 on the authors' BERT-base 
 keeps that ratio on other shapes. Without it, LLaMA's 192 x 576 v_proj reaches full rank after 38
 rounds, where U V reproduces W - S exactly and S collapses to rounding noise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,9 +45,15 @@ def initial_v(n_cols: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def grebsmo_sparse(W: torch.Tensor, seeds: list[int], rounds: int = 100, step: int = 5,
-                   inner: int = 2, threshold: float = 0.01,
-                   rank_fraction: float = 0.65) -> torch.Tensor:
+def grebsmo_sparse(
+    W: torch.Tensor,
+    seeds: list[int],
+    rounds: int = 100,
+    step: int = 5,
+    inner: int = 2,
+    threshold: float = 0.01,
+    rank_fraction: float = 0.65,
+) -> torch.Tensor:
     """Sparse part S of GreBsmo for a batch W (b, m, n) of same-shape matrices.
 
     Runs in float32 (float64 if W is float64, as the tests' oracle comparison does)."""
@@ -78,10 +85,18 @@ def _svd_sparse(W: torch.Tensor, k: int) -> torch.Tensor:
     return W.float() - (U[:, :k] * s[:k]) @ Vh[:k]
 
 
-def select_supports(weights: dict[str, torch.Tensor], n: int, method: str, seeds: dict[str, int],
-                    *, grebsmo_rounds: int = 100, grebsmo_threshold: float = 0.01,
-                    grebsmo_rank_fraction: float = 0.65, svd_rank: int = 16,
-                    batch_bytes: int = 8 << 20) -> dict[str, torch.Tensor]:
+def select_supports(
+    weights: dict[str, torch.Tensor],
+    n: int,
+    method: str,
+    seeds: dict[str, int],
+    *,
+    grebsmo_rounds: int = 100,
+    grebsmo_threshold: float = 0.01,
+    grebsmo_rank_fraction: float = 0.65,
+    svd_rank: int = 16,
+    batch_bytes: int = 8 << 20,
+) -> dict[str, torch.Tensor]:
     """Omega for each named weight (out x in). Small same-shape matrices are batched for
     grebsmo (measured on 2 cores: batching 576 x 576 matrices is slower than one by one)."""
     if method not in METHODS:
@@ -94,11 +109,14 @@ def select_supports(weights: dict[str, torch.Tensor], n: int, method: str, seeds
         for shape, names in by_shape.items():
             per_batch = max(1, batch_bytes // (4 * shape[0] * shape[1] * 6))  # ~6 live copies
             for i in range(0, len(names), per_batch):
-                chunk = names[i:i + per_batch]
-                S = grebsmo_sparse(torch.stack([weights[c].float() for c in chunk]),
-                                   [seeds[c] for c in chunk], rounds=grebsmo_rounds,
-                                   threshold=grebsmo_threshold,
-                                   rank_fraction=grebsmo_rank_fraction)
+                chunk = names[i : i + per_batch]
+                S = grebsmo_sparse(
+                    torch.stack([weights[c].float() for c in chunk]),
+                    [seeds[c] for c in chunk],
+                    rounds=grebsmo_rounds,
+                    threshold=grebsmo_threshold,
+                    rank_fraction=grebsmo_rank_fraction,
+                )
                 for c, s in zip(chunk, S):
                     out[c] = top_n(s.abs(), n)
         return out

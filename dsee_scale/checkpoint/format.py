@@ -14,6 +14,7 @@
 training/ writes it (checkpoint.py), export/ and pruning/ read it (reader.py); nobody else
 spells these names.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -88,8 +89,10 @@ def layer_layout(model) -> LayerLayout:
     out: LayerLayout = {}
     for name, m in model.named_modules():
         if isinstance(m, DSEELayer):
-            out[name] = {"kind": "conv1d" if isinstance(m.base_layer, Conv1D) else "linear",
-                         "slices": {s: list(m.bounds(s)) for s in m.dsee}}
+            out[name] = {
+                "kind": "conv1d" if isinstance(m.base_layer, Conv1D) else "linear",
+                "slices": {s: list(m.bounds(s)) for s in m.dsee},
+            }
     return out
 
 
@@ -103,8 +106,11 @@ def sha256_file(path: Path) -> str:
 
 def write_manifest(d: Path) -> None:
     """Files, sizes and sha256 of a complete checkpoint directory."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
     write_atomic(d / MANIFEST, json.dumps({"files": files}, indent=1))
 
 

@@ -18,18 +18,28 @@ own classes, no arbitrary unpickling), so a tensor is read from disk only when a
 memory holds one parameter at a time, never the model. DeepSpeed's own
 `zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint` is the reference the tests compare with.
 """
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 import torch
-from deepspeed.checkpoint.constants import (BF16_ZERO_FILE_PREFIX, BUFFER_NAMES, DS_VERSION,
-                                            FP32_FLAT_GROUPS, FROZEN_PARAM_FRAGMENTS,
-                                            FROZEN_PARAM_SHAPES, MODEL_FILE_PREFIX,
-                                            MODEL_FILE_SUFFIX, OPTIM_FILE_SUFFIX,
-                                            OPTIMIZER_STATE_DICT, PARAM_SHAPES, ZERO_FILE_PREFIX,
-                                            ZERO_STAGE)
+from deepspeed.checkpoint.constants import (
+    BF16_ZERO_FILE_PREFIX,
+    BUFFER_NAMES,
+    DS_VERSION,
+    FP32_FLAT_GROUPS,
+    FROZEN_PARAM_FRAGMENTS,
+    FROZEN_PARAM_SHAPES,
+    MODEL_FILE_PREFIX,
+    MODEL_FILE_SUFFIX,
+    OPTIM_FILE_SUFFIX,
+    OPTIMIZER_STATE_DICT,
+    PARAM_SHAPES,
+    ZERO_FILE_PREFIX,
+    ZERO_STAGE,
+)
 
 from ..errors import UserError
 from . import format as fmt
@@ -56,8 +66,10 @@ def _safe_load(path: Path):
         with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a forbidden object ...
-        raise UserError(f"checkpoint file {str(path)!r} cannot be read "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"checkpoint file {str(path)!r} cannot be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
 
 
 class ZeroCheckpoint:
@@ -66,15 +78,19 @@ class ZeroCheckpoint:
         if (root / fmt.LATEST).is_file() or fmt.tags(root):
             if tag is None:
                 if not (root / fmt.LATEST).is_file():
-                    raise UserError(f"{str(root)!r} has no '{fmt.LATEST}' file; pass --tag "
-                                    f"(available: {', '.join(fmt.tags(root)) or 'none'})")
+                    raise UserError(
+                        f"{str(root)!r} has no '{fmt.LATEST}' file; pass --tag "
+                        f"(available: {', '.join(fmt.tags(root)) or 'none'})"
+                    )
                 tag = (root / fmt.LATEST).read_text().strip()
             d = root / tag
         else:  # given the tag directory itself
             d, tag = root, root.name
         if not d.is_dir():
-            raise UserError(f"checkpoint tag {tag!r} not found in {str(root)!r} "
-                            f"(available: {', '.join(fmt.tags(root)) or 'none'})")
+            raise UserError(
+                f"checkpoint tag {tag!r} not found in {str(root)!r} "
+                f"(available: {', '.join(fmt.tags(root)) or 'none'})"
+            )
         self.dir, self.tag = d, tag
         fmt.verify_manifest(d)  # files, sizes, checksums as written
         self.meta = fmt.read_meta(d)
@@ -83,8 +99,9 @@ class ZeroCheckpoint:
         for r in range(world):
             for name in (model_file(r), optim_file(r, bf16)):
                 if not (d / name).is_file():
-                    raise UserError(f"checkpoint {str(d)!r} was written by {world} ranks but "
-                                    f"{name} is missing")
+                    raise UserError(
+                        f"checkpoint {str(d)!r} was written by {world} ranks but {name} is missing"
+                    )
         self.world, self.bf16 = world, bf16
         self._open()
         ms = self.model_states[0]
@@ -100,16 +117,20 @@ class ZeroCheckpoint:
             offset += math.ceil(shape.numel() / world)
         for r in range(world):
             if self.flat[r].numel() != offset:
-                raise UserError(f"{optim_file(r, bf16)} in {str(d)!r} holds {self.flat[r].numel()} "
-                                f"trainable values, {offset} expected: truncated or mismatched")
+                raise UserError(
+                    f"{optim_file(r, bf16)} in {str(d)!r} holds {self.flat[r].numel()} "
+                    f"trainable values, {offset} expected: truncated or mismatched"
+                )
         for name, shape in self.frozen_shapes.items():
             part = math.ceil(shape.numel() / world)
             for r, rank_states in enumerate(self.model_states):
                 fragment = rank_states[FROZEN_PARAM_FRAGMENTS].get(name)
                 if fragment is None or fragment.numel() != part:
-                    raise UserError(f"{model_file(r)} in {str(d)!r}: the frozen fragment of {name} "
-                                    f"holds {None if fragment is None else fragment.numel()} "
-                                    f"values, {part} expected: truncated or mismatched")
+                    raise UserError(
+                        f"{model_file(r)} in {str(d)!r}: the frozen fragment of {name} "
+                        f"holds {None if fragment is None else fragment.numel()} "
+                        f"values, {part} expected: truncated or mismatched"
+                    )
         self.buffer_names = list(ms.get(BUFFER_NAMES, []))
         self.shared = dict(ms.get(SHARED_PARAMS) or {})  # alias -> name
         self.order = [k for k in ms[MODULE] if k not in self.shared]
@@ -121,8 +142,10 @@ class ZeroCheckpoint:
         optim = [_safe_load(d / optim_file(r, self.bf16)) for r in range(world)]
         stage = int(optim[0][OPTIMIZER_STATE_DICT].get(ZERO_STAGE, 0))
         if stage != 3:
-            raise UserError(f"{str(d)!r} is a ZeRO stage {stage} checkpoint; this reader streams "
-                            "stage 3 (use DeepSpeed's zero_to_fp32.py for others)")
+            raise UserError(
+                f"{str(d)!r} is a ZeRO stage {stage} checkpoint; this reader streams "
+                "stage 3 (use DeepSpeed's zero_to_fp32.py for others)"
+            )
         self.flat = []  # per rank: one flat fp32 tensor of all its trainable partitions
         for o in optim:
             groups = o[OPTIMIZER_STATE_DICT][FP32_FLAT_GROUPS]
@@ -167,8 +190,9 @@ class ZeroCheckpoint:
         from ..adapters.delta import SparseLowRankDelta
 
         A, B = self.tensor(f"{prefix}.lora_A"), self.tensor(f"{prefix}.lora_B")
-        d = SparseLowRankDelta(A.shape[1], B.shape[0], cfg.r, cfg.alpha,
-                               self.tensor(f"{prefix}.sparse_index"), cfg.dropout)
+        d = SparseLowRankDelta(
+            A.shape[1], B.shape[0], cfg.r, cfg.alpha, self.tensor(f"{prefix}.sparse_index"), cfg.dropout
+        )
         with torch.no_grad():
             d.lora_A.copy_(A)
             d.lora_B.copy_(B)

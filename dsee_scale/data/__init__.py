@@ -11,6 +11,7 @@ takes the next `batch_size` blocks, and rank r's micro-batch a of that step is a
 them. The same global batch is therefore seen by 1 rank x 2 accumulation steps and by 2 ranks x 1,
 and resuming at step s needs nothing but s.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,23 +59,29 @@ def read_documents(files: list[Path], text_field: str) -> list[str]:
             try:
                 docs.append(f.read_text(encoding="utf-8"))
             except UnicodeDecodeError as e:
-                raise UserError(f"data: {str(f)!r} is not UTF-8 text ({e.reason} at byte "
-                                f"{e.start})") from None
+                raise UserError(
+                    f"data: {str(f)!r} is not UTF-8 text ({e.reason} at byte {e.start})"
+                ) from None
             continue
         if ext not in JSON_EXT | {".parquet"}:
-            raise ConfigError(f"data: {str(f)!r} has an unsupported extension {ext!r}; allowed: "
-                              f"{', '.join(sorted(TEXT_EXT | JSON_EXT | {'.parquet'}))}")
+            raise ConfigError(
+                f"data: {str(f)!r} has an unsupported extension {ext!r}; allowed: "
+                f"{', '.join(sorted(TEXT_EXT | JSON_EXT | {'.parquet'}))}"
+            )
         import datasets
 
         datasets.disable_progress_bars()
         try:
-            ds = datasets.load_dataset("json" if ext in JSON_EXT else "parquet",
-                                       data_files=str(f), split="train")
+            ds = datasets.load_dataset(
+                "json" if ext in JSON_EXT else "parquet", data_files=str(f), split="train"
+            )
         except Exception as e:  # datasets raises many types for a malformed file
             raise UserError(f"data: cannot read {str(f)!r}: {type(e).__name__}: {e}") from None
         if text_field not in ds.column_names:
-            raise ConfigError(f"data.text_field: {str(f)!r} has no column {text_field!r} "
-                              f"(columns: {', '.join(ds.column_names)})")
+            raise ConfigError(
+                f"data.text_field: {str(f)!r} has no column {text_field!r} "
+                f"(columns: {', '.join(ds.column_names)})"
+            )
         docs += [t for t in ds[text_field] if isinstance(t, str)]
     return docs
 
@@ -85,11 +92,13 @@ def hub_documents(name: str, split: str, text_field: str) -> list[str]:
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown name, unknown split ...
-        raise UserError(f"data.hub_dataset: cannot load {name!r} split {split!r}: "
-                        f"{type(e).__name__}: {e}") from None
+        raise UserError(
+            f"data.hub_dataset: cannot load {name!r} split {split!r}: {type(e).__name__}: {e}"
+        ) from None
     if text_field not in ds.column_names:
-        raise ConfigError(f"data.text_field: {name!r} has no column {text_field!r} "
-                          f"(columns: {', '.join(ds.column_names)})")
+        raise ConfigError(
+            f"data.text_field: {name!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)})"
+        )
     return [t for t in ds[text_field] if isinstance(t, str)]
 
 
@@ -105,8 +114,10 @@ def _cache_key(files: list[Path], tokenizer, block_size: int, extra: str) -> str
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(f"{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}|"
-             f"{getattr(tokenizer, 'vocab_size', '')}|{block_size}|{extra}".encode())
+    h.update(
+        f"{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}|"
+        f"{getattr(tokenizer, 'vocab_size', '')}|{block_size}|{extra}".encode()
+    )
     return h.hexdigest()[:24]
 
 
@@ -121,8 +132,9 @@ def pack(docs: list[str], tokenizer, block_size: int) -> torch.Tensor:
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
-def load_blocks(files: list[Path], tokenizer, block_size: int, text_field: str,
-                cache_dir: str | None, label: str) -> torch.Tensor:
+def load_blocks(
+    files: list[Path], tokenizer, block_size: int, text_field: str, cache_dir: str | None, label: str
+) -> torch.Tensor:
     """Packed blocks of `files`, from the cache when the inputs did not change."""
     from safetensors.torch import load_file, save_file
 
@@ -131,8 +143,9 @@ def load_blocks(files: list[Path], tokenizer, block_size: int, text_field: str,
     path = cache / f"{label}-{key}.safetensors"
     if path.is_file():
         return load_file(str(path))["blocks"]
-    blocks = _blocks_from_docs(read_documents(files, text_field), tokenizer, block_size,
-                               f"{label} ({len(files)} files)")
+    blocks = _blocks_from_docs(
+        read_documents(files, text_field), tokenizer, block_size, f"{label} ({len(files)} files)"
+    )
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"blocks": blocks.contiguous()}, str(tmp))
@@ -147,8 +160,7 @@ class Corpus:
 
     def describe(self) -> str:
         ev = 0 if self.eval is None else self.eval.shape[0]
-        return (f"{self.train.shape[0]} train blocks, {ev} eval blocks of "
-                f"{self.train.shape[1]} tokens")
+        return f"{self.train.shape[0]} train blocks, {ev} eval blocks of {self.train.shape[1]} tokens"
 
 
 def build_corpus(data_cfg, tokenizer) -> Corpus:
@@ -156,12 +168,20 @@ def build_corpus(data_cfg, tokenizer) -> Corpus:
     from ..assets import split_of, stdlib_files
 
     if data_cfg.hub_dataset:
-        train = _blocks_from_docs(hub_documents(data_cfg.hub_dataset, data_cfg.hub_train_split,
-                                                data_cfg.text_field), tokenizer, data_cfg.block_size, "train")
+        train = _blocks_from_docs(
+            hub_documents(data_cfg.hub_dataset, data_cfg.hub_train_split, data_cfg.text_field),
+            tokenizer,
+            data_cfg.block_size,
+            "train",
+        )
         ev = None
         if data_cfg.hub_eval_split:
-            ev = _blocks_from_docs(hub_documents(data_cfg.hub_dataset, data_cfg.hub_eval_split,
-                                                 data_cfg.text_field), tokenizer, data_cfg.block_size, "eval")
+            ev = _blocks_from_docs(
+                hub_documents(data_cfg.hub_dataset, data_cfg.hub_eval_split, data_cfg.text_field),
+                tokenizer,
+                data_cfg.block_size,
+                "eval",
+            )
         return _limit(Corpus(train, ev), data_cfg)
     if data_cfg.source == "python_stdlib":
         files = stdlib_files()
@@ -170,10 +190,16 @@ def build_corpus(data_cfg, tokenizer) -> Corpus:
     else:
         train_files = expand_files(data_cfg.train_files, "data.train_files")
         eval_files = expand_files(data_cfg.eval_files, "data.eval_files")
-    train = load_blocks(train_files, tokenizer, data_cfg.block_size, data_cfg.text_field,
-                        data_cfg.cache_dir, "train")
-    ev = (load_blocks(eval_files, tokenizer, data_cfg.block_size, data_cfg.text_field,
-                      data_cfg.cache_dir, "eval") if eval_files else None)
+    train = load_blocks(
+        train_files, tokenizer, data_cfg.block_size, data_cfg.text_field, data_cfg.cache_dir, "train"
+    )
+    ev = (
+        load_blocks(
+            eval_files, tokenizer, data_cfg.block_size, data_cfg.text_field, data_cfg.cache_dir, "eval"
+        )
+        if eval_files
+        else None
+    )
     return _limit(Corpus(train, ev), data_cfg)
 
 
@@ -190,8 +216,16 @@ def global_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
-def micro_batch(blocks: torch.Tensor, step: int, micro: int, rank: int, world: int,
-                micro_batch_size: int, batch_size: int, seed: int) -> torch.Tensor:
+def micro_batch(
+    blocks: torch.Tensor,
+    step: int,
+    micro: int,
+    rank: int,
+    world: int,
+    micro_batch_size: int,
+    batch_size: int,
+    seed: int,
+) -> torch.Tensor:
     """Rank `rank`'s micro-batch `micro` of optimizer step `step` (0-based)."""
     n = blocks.shape[0]
     start = step * batch_size + (micro * world + rank) * micro_batch_size

@@ -10,6 +10,7 @@ shards of at most --max-shard-size, so memory holds one shard plus one layer. Ev
 written to a temporary directory beside out_dir and renamed at the end: an interrupted export
 leaves no half-written model, and an existing non-empty out_dir is replaced only with force.
 """
+
 from __future__ import annotations
 
 import json
@@ -102,8 +103,9 @@ class ShardWriter:
             os.replace(self.out / f"shard-{i:05d}.tmp", self.out / final)
             weight_map.update({k: final for k in names})
         if n > 1:
-            (self.out / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
+            (self.out / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2)
+            )
 
 
 def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: LayerLayout, tied: bool):
@@ -150,9 +152,16 @@ def _commit(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_checkpoint(ckpt_dir: str, out_dir: str, tag: str | None = None, mode: str = "merged",
-                      dtype: str = "auto", max_shard_size: str = "2GB", force: bool = False,
-                      progress=None) -> ExportSummary:
+def export_checkpoint(
+    ckpt_dir: str,
+    out_dir: str,
+    tag: str | None = None,
+    mode: str = "merged",
+    dtype: str = "auto",
+    max_shard_size: str = "2GB",
+    force: bool = False,
+    progress=None,
+) -> ExportSummary:
     """Export; returns a summary (files, bytes, dtypes)."""
     if mode not in ("merged", "adapter"):
         raise UserError(f"--mode: got {mode!r}, allowed: merged, adapter")
@@ -169,7 +178,7 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, tag: str | None = None, mode:
             summary = _write_adapter(ck, exp, dsee, tmp, dtype)
         else:
             summary = _write_merged(ck, exp, dsee, tmp, dtype, max_bytes, progress)
-        summary.update(checkpoint=str(ck.dir), tag=ck.tag, mode=mode, world_size=ck.world)
+        summary.update({"checkpoint": str(ck.dir), "tag": ck.tag, "mode": mode, "world_size": ck.world})
         (tmp / "dsee_export.json").write_text(json.dumps(summary, indent=2))
         _commit(tmp, out)
     finally:
@@ -191,18 +200,27 @@ def _write_adapter(ck: ZeroCheckpoint, exp: dict, dsee: DSEEConfig, tmp: Path, d
     if not state:
         raise UserError(f"{str(ck.dir)!r} holds no DSEE parameters")
     save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "dsee_scale": "adapter"})
-    targets = sorted({re.sub(r"\.dsee\.(\w+)\.\w+$", lambda m: "" if m.group(1) == "full" else f":{m.group(1)}", n)
-                      for n in state})
+    targets = sorted(
+        {
+            re.sub(r"\.dsee\.(\w+)\.\w+$", lambda m: "" if m.group(1) == "full" else f":{m.group(1)}", n)
+            for n in state
+        }
+    )
     model_type = (exp.get("model", {}).get("config") or {}).get("model_type")
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps({"dsee": exp["dsee"], "targets": targets,
-                                                  "model_type": model_type}, indent=2))
-    return {"files": sorted(p.name for p in tmp.iterdir()),
-            "bytes": sum(t.numel() * t.element_size() for t in state.values()),
-            "trainable_dtype": "fp32", "written_dtype": dtype if want is not None else "fp32"}
+    (tmp / ADAPTER_CONFIG).write_text(
+        json.dumps({"dsee": exp["dsee"], "targets": targets, "model_type": model_type}, indent=2)
+    )
+    return {
+        "files": sorted(p.name for p in tmp.iterdir()),
+        "bytes": sum(t.numel() * t.element_size() for t in state.values()),
+        "trainable_dtype": "fp32",
+        "written_dtype": dtype if want is not None else "fp32",
+    }
 
 
-def _write_merged(ck: ZeroCheckpoint, exp: dict, dsee: DSEEConfig, tmp: Path, dtype: str,
-                  max_bytes: int, progress) -> ExportSummary:
+def _write_merged(
+    ck: ZeroCheckpoint, exp: dict, dsee: DSEEConfig, tmp: Path, dtype: str, max_bytes: int, progress
+) -> ExportSummary:
     from transformers import GenerationConfig
 
     from ..models import load_tokenizer
@@ -237,10 +255,15 @@ def _write_merged(ck: ZeroCheckpoint, exp: dict, dsee: DSEEConfig, tmp: Path, dt
     if tok is not None:
         tok.save_pretrained(tmp)
     rounded = out_dtype != torch.float32
-    return {"files": sorted(p.name for p in tmp.iterdir()), "bytes": writer.total,
-            "frozen_dtype": DTYPE_NAMES.get(frozen_dtype, str(frozen_dtype)),
-            "trainable_dtype": "fp32", "written_dtype": DTYPE_NAMES.get(out_dtype, str(out_dtype)),
-            "update_rounded_to_written_dtype": rounded, "tokenizer": tok is not None,
-            # the real sparsity of what was written: merging refills pruned zeros on updated rows
-            "block_weight_zero_fraction": zeros / block_numel if block_numel else 0.0,
-            "tied_embeddings": tied}
+    return {
+        "files": sorted(p.name for p in tmp.iterdir()),
+        "bytes": writer.total,
+        "frozen_dtype": DTYPE_NAMES.get(frozen_dtype, str(frozen_dtype)),
+        "trainable_dtype": "fp32",
+        "written_dtype": DTYPE_NAMES.get(out_dtype, str(out_dtype)),
+        "update_rounded_to_written_dtype": rounded,
+        "tokenizer": tok is not None,
+        # the real sparsity of what was written: merging refills pruned zeros on updated rows
+        "block_weight_zero_fraction": zeros / block_numel if block_numel else 0.0,
+        "tied_embeddings": tied,
+    }

@@ -10,14 +10,21 @@ that although its attention reads head_dim from the config); only used where nee
 `import dsee_scale` registers both with AutoConfig / AutoModelForCausalLM, so a pruned export
 loads with `AutoModelForCausalLM.from_pretrained(dir)`.
 """
+
 from __future__ import annotations
 
 import copy
 
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel,
-                          LlamaConfig, LlamaForCausalLM)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
@@ -43,7 +50,7 @@ class PrunedGPT2Attention(GPT2Attention):
         self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
         self.is_cross_attention = False
         self.layer_idx = layer_idx
-        self.scaling = self.head_dim ** -0.5 if self.scale_attn_weights else 1.0
+        self.scaling = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
         if self.scale_attn_by_inverse_layer_idx:
             self.scaling /= float(layer_idx + 1)
         self.c_attn = Conv1D(3 * self.split_size, self.embed_dim)
@@ -77,9 +84,11 @@ class DSEELlamaConfig(LlamaConfig):
     model_type = "dsee_llama"
 
     def validate_architecture(self):
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
-                             f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.num_key_value_heads and self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})"
+            )
 
 
 class DSEELlamaForCausalLM(LlamaForCausalLM):
@@ -87,13 +96,17 @@ class DSEELlamaForCausalLM(LlamaForCausalLM):
 
 
 # arch name -> (config class, model class name) of the pruned shapes transformers refuses
-CUSTOM_CLASSES = {"gpt2": (DSEEGPT2Config, "DSEEGPT2LMHeadModel"),
-                  "llama": (DSEELlamaConfig, "DSEELlamaForCausalLM")}
+CUSTOM_CLASSES = {
+    "gpt2": (DSEEGPT2Config, "DSEEGPT2LMHeadModel"),
+    "llama": (DSEELlamaConfig, "DSEELlamaForCausalLM"),
+}
 
 
 def register() -> None:
-    for name, cfg, model in (("dsee_gpt2", DSEEGPT2Config, DSEEGPT2LMHeadModel),
-                             ("dsee_llama", DSEELlamaConfig, DSEELlamaForCausalLM)):
+    for name, cfg, model in (
+        ("dsee_gpt2", DSEEGPT2Config, DSEEGPT2LMHeadModel),
+        ("dsee_llama", DSEELlamaConfig, DSEELlamaForCausalLM),
+    ):
         try:
             AutoConfig.register(name, cfg)
             AutoModelForCausalLM.register(cfg, model)

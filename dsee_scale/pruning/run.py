@@ -16,6 +16,7 @@ rebuild, re-tune.
    `dsee-scale train --resume`, `dsee-scale prune --resume` and `dsee-scale export` work on them
    as on any run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,8 +62,11 @@ def prune_and_retune(exp: ExperimentConfig, from_dir: str | None, resume: bool =
         out = Path(pruned.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "prune_plan.json").write_text(json.dumps(summary, indent=1))
-        print(f"prune: {summary['kind']} from {summary['from']}, new sizes {summary['config']}, "
-              f"decision {summary['decision_digest']} (plan in {out / 'prune_plan.json'})", flush=True)
+        print(
+            f"prune: {summary['kind']} from {summary['from']}, new sizes {summary['config']}, "
+            f"decision {summary['decision_digest']} (plan in {out / 'prune_plan.json'})",
+            flush=True,
+        )
     return run(pruned, build=build)
 
 
@@ -90,7 +94,7 @@ class CheckpointModel:
         for name, info in self.layout.items():
             if not name.startswith(pre):
                 continue
-            rel = name[len(pre):]
+            rel = name[len(pre) :]
             deltas = {s: self.ck.dsee_delta(delta_name(name, s), self.dsee) for s in info["slices"]}
             b.set_submodule(rel, DSEELayer(b.get_submodule(rel), deltas))
         state = {}
@@ -126,10 +130,12 @@ def layerwise_statistics(cm: CheckpointModel, batches: list[torch.Tensor]) -> di
         ab: dict = {}
         handles = []
         for name, layer in U.prunable(b, ["*"]).items():
-            def hook(module, args, name=name):
+
+            def hook(module, args, name=name, sq=sq, ab=ab):
                 x = args[0].detach().float().reshape(-1, args[0].shape[-1])
                 sq[name] = sq.get(name, 0) + x.pow(2).sum(0)
                 ab[name] = ab.get(name, 0) + x.abs().sum(0)
+
             handles.append(layer.register_forward_pre_hook(hook))
         nxt = []
         for h in hidden:
@@ -148,8 +154,9 @@ def layerwise_statistics(cm: CheckpointModel, batches: list[torch.Tensor]) -> di
 
 def calibration(exp, cm: CheckpointModel, pc: PruneConfig) -> dict | None:
     """Layer-wise statistics when a score needs them (activation, wanda), else None."""
-    needs = (pc.kind == "structured" and "activation" in (pc.head_score, pc.channel_score)) or \
-        (pc.kind == "unstructured" and pc.score == "wanda")
+    needs = (pc.kind == "structured" and "activation" in (pc.head_score, pc.channel_score)) or (
+        pc.kind == "unstructured" and pc.score == "wanda"
+    )
     if not needs:
         return None
     from ..data import ByteTokenizer, build_corpus, micro_batch
@@ -157,12 +164,16 @@ def calibration(exp, cm: CheckpointModel, pc: PruneConfig) -> dict | None:
     tok = load_tokenizer(cm.model_cfg) or ByteTokenizer()
     corpus = build_corpus(exp.data, tok)
     t = exp.train
-    batches = [micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)
-               for s in range(pc.calibration_batches)]
+    batches = [
+        micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)
+        for s in range(pc.calibration_batches)
+    ]
     return layerwise_statistics(cm, batches)
 
 
-def _activation(stats: dict, i: int, name: str) -> torch.Tensor:
+def _activation(stats: dict | None, i: int, name: str) -> torch.Tensor:
+    if stats is None:
+        raise ValueError("activation scores need calibration statistics")
     return stats["blocks"][i]["abs"][name] / stats["tokens"]
 
 
@@ -172,17 +183,30 @@ def structured_plan(cm: CheckpointModel, pc: PruneConfig, stats: dict | None = N
     for i in range(dims.layers):
         b = cm.block(i)
         if pc.heads_per_layer:
-            hs.append(_activation(stats, i, arch.o).view(dims.heads, dims.head_dim).sum(1)
-                      if pc.head_score == "activation" else block_head_scores(b, cm.config, pc.head_score))
+            hs.append(
+                _activation(stats, i, arch.o).view(dims.heads, dims.head_dim).sum(1)
+                if pc.head_score == "activation"
+                else block_head_scores(b, cm.config, pc.head_score)
+            )
         if pc.channels_per_layer:
-            cs.append(_activation(stats, i, arch.mlp_out) if pc.channel_score == "activation"
-                      else block_channel_scores(b, cm.config))
-    return make_plan(cm.config, torch.stack(hs) if hs else None, pc.heads_per_layer,
-                     torch.stack(cs) if cs else None, pc.channels_per_layer, pc.gqa)
+            cs.append(
+                _activation(stats, i, arch.mlp_out)
+                if pc.channel_score == "activation"
+                else block_channel_scores(b, cm.config)
+            )
+    return make_plan(
+        cm.config,
+        torch.stack(hs) if hs else None,
+        pc.heads_per_layer,
+        torch.stack(cs) if cs else None,
+        pc.channels_per_layer,
+        pc.gqa,
+    )
 
 
-def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: dict | None = None
-                       ) -> dict[int, dict[str, torch.Tensor]]:
+def unstructured_masks(
+    cm: CheckpointModel, pc: PruneConfig, stats: dict | None = None
+) -> dict[int, dict[str, torch.Tensor]]:
     """Keep-masks per block (names relative to the block)."""
     per_block = {}
     for i in range(cm.dims.layers):
@@ -196,8 +220,8 @@ def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: dict | None 
     keep = U.masks(flat, pc.ratio, "global")
     out: dict[int, dict[str, torch.Tensor]] = {}
     for key, m in keep.items():
-        i, k = key.split("/", 1)
-        out.setdefault(int(i), {})[k] = m
+        block, name = key.split("/", 1)
+        out.setdefault(int(block), {})[name] = m
     return out
 
 
@@ -222,8 +246,10 @@ def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
     if pc.kind == "structured":
         H, KV, hd, inter, _, _ = cm.dims
         if pc.channels_per_layer >= inter:
-            raise ConfigError(f"prune.channels_per_layer: {pc.channels_per_layer} of {inter} "
-                              f"channels; allowed: 0..{inter - 1}")
+            raise ConfigError(
+                f"prune.channels_per_layer: {pc.channels_per_layer} of {inter} "
+                f"channels; allowed: 0..{inter - 1}"
+            )
         try:
             plan = structured_plan(cm, pc, stats)
         except ValueError as e:  # a head count the kv groups cannot take
@@ -234,8 +260,10 @@ def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
     else:
         keep = unstructured_masks(cm, pc, stats)
         new_config = cm.config
-        decision = {i: {k: hashlib.sha256(m.numpy().tobytes()).hexdigest() for k, m in d.items()}
-                    for i, d in keep.items()}
+        decision = {
+            i: {k: hashlib.sha256(m.numpy().tobytes()).hexdigest() for k, m in d.items()}
+            for i, d in keep.items()
+        }
         pruned_n = sum(int((~m).sum()) for d_ in keep.values() for m in d_.values())
         total_n = sum(m.numel() for d_ in keep.values() for m in d_.values())
     d = digest(decision)
@@ -249,18 +277,27 @@ def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
     cfg_dict.pop("transformers_version", None)
     cfg_dict.pop("architectures", None)
     cfg_dict.pop("dtype", None)
-    pruned_exp = replace(exp, model=ModelConfig(config=cfg_dict, tokenizer=tokenizer,
-                                                dtype=cm.model_cfg.dtype),
-                         dsee=copy.deepcopy(cm.dsee))
+    pruned_exp = replace(
+        exp,
+        model=ModelConfig(config=cfg_dict, tokenizer=tokenizer, dtype=cm.model_cfg.dtype),
+        dsee=copy.deepcopy(cm.dsee),
+    )
 
     def build(exp_, ds, rank_, world_):
         return build_pruned(cm, pc, plan, keep, exp_, ds, rank_)
 
-    summary = {"from": str(cm.ck.dir), "kind": pc.kind, "decision_digest": d, "decision": decision,
-               "weight_sparsity": pruned_n / total_n if keep is not None else None,
-               "config": {k: cfg_dict[k] for k in (cm.arch.heads_key, cm.arch.kv_heads_key,
-                                                   cm.arch.intermediate_key, "head_dim")
-                          if k and k in cfg_dict}}
+    summary = {
+        "from": str(cm.ck.dir),
+        "kind": pc.kind,
+        "decision_digest": d,
+        "decision": decision,
+        "weight_sparsity": pruned_n / total_n if keep is not None else None,
+        "config": {
+            k: cfg_dict[k]
+            for k in (cm.arch.heads_key, cm.arch.kv_heads_key, cm.arch.intermediate_key, "head_dim")
+            if k and k in cfg_dict
+        },
+    }
     return pruned_exp, build, summary
 
 
@@ -281,7 +318,7 @@ def build_pruned(cm: CheckpointModel, pc: PruneConfig, plan, keep, exp, ds, rank
         for rel, t in b.state_dict().items():
             copy_full_into(model, cm.arch.block_prefix(i) + rel, t, rank)
         del b
-    for name, p in model.named_parameters():  # embeddings, final norm, (untied) lm_head
+    for name, _ in model.named_parameters():  # embeddings, final norm, (untied) lm_head
         if cm.arch.block_index(name) is None:
             copy_full_into(model, name, cm.ck.tensor(name), rank)
     return model, supports

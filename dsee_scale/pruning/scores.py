@@ -9,6 +9,7 @@ Head scores (one per q head and layer), as DSEE_METHOD.md section 2:
 MLP channel scores: weight (|W_up| row + |W_gate| row + |W_down| column, L1) or activation
 (mean |input of the MLP output projection|). Projection names come from archs.py.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,17 +26,17 @@ def _rows_of(layer, slice_name: str, use: str) -> torch.Tensor:
     """|update| or |W| of a projection's output rows (out x in), for one slice."""
     base = unwrap(layer)
     lo, hi = slice_bounds(base, slice_name)
-    total = 0
+    parts = []
     if "weight" in use:
-        total = total + weight_out_in(base)[lo:hi].detach().float().abs()
+        parts.append(weight_out_in(base)[lo:hi].detach().float().abs())
     if "dsee" in use:
         if not isinstance(layer, DSEELayer) or slice_name not in layer.dsee:
             raise ValueError("dsee head scores need DSEE updates on q and v")
-        total = total + layer.dsee[slice_name].delta_weight().detach().float().abs()
-    return total
+        parts.append(layer.update(slice_name).delta_weight().detach().float().abs())
+    return torch.stack(parts).sum(0)
 
 
-def _projection(block, spec: str):
+def _projection(block, spec: str) -> tuple[torch.nn.Module, str]:
     """(module, slice) of a projection "module[:slice]" of a block."""
     module, part = split_projection(spec)
     return block.get_submodule(module), part
@@ -65,8 +66,11 @@ def head_scores(model, method: str = "dsee", activations: dict | None = None) ->
     arch = arch_of(model)
     dims = arch.dims(model.config)
     if method == "activation":
-        return torch.stack([activations["heads"][i].view(dims.heads, dims.head_dim).sum(1)
-                            for i in range(dims.layers)])
+        if activations is None:
+            raise ValueError("activation head scores need collect_activations(...)")
+        return torch.stack(
+            [activations["heads"][i].view(dims.heads, dims.head_dim).sum(1) for i in range(dims.layers)]
+        )
     return torch.stack([block_head_scores(b, model.config, method) for b in arch.block_list(model)])
 
 
@@ -76,6 +80,8 @@ def channel_scores(model, method: str = "weight", activations: dict | None = Non
         raise ValueError(f"channel score {method!r}; allowed: {', '.join(CHANNEL_SCORES)}")
     arch = arch_of(model)
     if method == "activation":
+        if activations is None:
+            raise ValueError("activation channel scores need collect_activations(...)")
         return torch.stack([activations["channels"][i] for i in range(arch.dims(model.config).layers)])
     return torch.stack([block_channel_scores(b, model.config) for b in arch.block_list(model)])
 
@@ -93,11 +99,14 @@ def collect_activations(model, batches) -> dict:
         def f(module, args):
             x = args[0].detach().float().abs()
             store[i] = store.get(i, 0) + x.reshape(-1, x.shape[-1]).sum(0)
+
         return f
 
     for i, block in enumerate(arch.block_list(model)):
-        handles += [block.get_submodule(arch.o).register_forward_pre_hook(hook(sums["heads"], i)),
-                    block.get_submodule(arch.mlp_out).register_forward_pre_hook(hook(sums["channels"], i))]
+        handles += [
+            block.get_submodule(arch.o).register_forward_pre_hook(hook(sums["heads"], i)),
+            block.get_submodule(arch.mlp_out).register_forward_pre_hook(hook(sums["channels"], i)),
+        ]
     try:
         for ids in batches:
             model(input_ids=ids)
@@ -108,9 +117,14 @@ def collect_activations(model, batches) -> dict:
     return {k: {i: v / count for i, v in d.items()} for k, d in sums.items()}
 
 
-def make_plan(model, head_scores_: torch.Tensor | None, prune_heads: int,
-              channel_scores_: torch.Tensor | None = None, prune_channels: int = 0,
-              gqa: str = "per_group") -> Plan:
+def make_plan(
+    model,
+    head_scores_: torch.Tensor | None,
+    prune_heads: int,
+    channel_scores_: torch.Tensor | None = None,
+    prune_channels: int = 0,
+    gqa: str = "per_group",
+) -> Plan:
     """Keep the best heads / channels in every layer, a uniform count per layer.
 
     prune_heads: heads removed per layer; with GQA and gqa="per_group" it is the number of q
@@ -130,8 +144,11 @@ def make_plan(model, head_scores_: torch.Tensor | None, prune_heads: int,
         elif gqa == "per_group":
             if prune_heads >= n_rep:
                 raise ValueError(f"cannot remove {prune_heads} of the {n_rep} q heads of a kv group")
-            keep = sorted(g * n_rep + j for g in range(KV)
-                          for j in _top(hs[g * n_rep:(g + 1) * n_rep], n_rep - prune_heads))
+            keep = sorted(
+                g * n_rep + j
+                for g in range(KV)
+                for j in _top(hs[g * n_rep : (g + 1) * n_rep], n_rep - prune_heads)
+            )
             kv = list(range(KV))
         elif gqa == "kv_groups":
             if prune_heads >= KV:

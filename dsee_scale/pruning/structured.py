@@ -13,6 +13,7 @@ Where each projection lives comes from the architecture table (archs.py):
   carries head_dim; GPT-2 only when head_dim still equals n_embd / n_head), else our registered
   dsee_gpt2 / dsee_llama type (pruned_models.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -81,8 +82,7 @@ def prune_block(block: torch.nn.Module, arch: Arch, lp: LayerPlan, dims: Dims) -
         block.set_submodule(module, keep_outputs(block.get_submodule(module), kept))
     block.set_submodule(arch.o, keep_inputs(block.get_submodule(arch.o), _rows(lp.q_heads, hd)))
     attn = block.get_submodule(arch.attention)
-    for attr, value in (("num_heads", nq), ("split_size", nq * hd),
-                        ("num_key_value_groups", nq // nkv)):
+    for attr, value in (("num_heads", nq), ("split_size", nq * hd), ("num_key_value_groups", nq // nkv)):
         if hasattr(attn, attr):  # what each attention class reads in its forward
             setattr(attn, attr, value)
     if lp.channels is not None:
@@ -132,13 +132,20 @@ def mask_hooks(model, plan: Plan):
 
         def hook(module, args):
             return (args[0] * mask.to(args[0].dtype),) + tuple(args[1:])
+
         return hook
 
     for block, lp in zip(arch.block_list(model), plan.layers):
         width = dims.heads * dims.head_dim
-        handles.append(block.get_submodule(arch.o).register_forward_pre_hook(
-            zeroing(_rows(lp.q_heads, dims.head_dim), width)))
+        handles.append(
+            block.get_submodule(arch.o).register_forward_pre_hook(
+                zeroing(_rows(lp.q_heads, dims.head_dim), width)
+            )
+        )
         if lp.channels is not None:
-            handles.append(block.get_submodule(arch.mlp_out).register_forward_pre_hook(
-                zeroing(lp.channels, dims.intermediate)))
+            handles.append(
+                block.get_submodule(arch.mlp_out).register_forward_pre_hook(
+                    zeroing(lp.channels, dims.intermediate)
+                )
+            )
     return handles

@@ -5,14 +5,17 @@ bias rows, the rows of each update's B, and the entries of S whose row is kept, 
 `keep_inputs(layer, cols)` keeps input columns (W's columns, A's columns, S entries whose column
 is kept). The result is a new, smaller module: the old tensors are not kept alive.
 """
+
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..adapters.delta import SparseLowRankDelta
-from ..adapters.layer import DSEELayer, slice_bounds, unwrap
+from ..adapters.layer import DSEELayer, slice_bounds, unwrap, weight_of
 
 
 def _index(rows, device) -> torch.Tensor:
@@ -20,7 +23,8 @@ def _index(rows, device) -> torch.Tensor:
 
 
 def _plain_keep(layer: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
-    w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    weight, bias = weight_of(layer), cast(torch.Tensor | None, layer.bias)
+    w, b = weight.detach(), None if bias is None else bias.detach()
     conv = isinstance(layer, Conv1D)
     w_oi = w.t() if conv else w  # out x in
     if rows is not None:
@@ -29,17 +33,19 @@ def _plain_keep(layer: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor 
     if cols is not None:
         w_oi = w_oi.index_select(1, cols)
     out_f, in_f = w_oi.shape
+    bias_grad = bias is not None and bias.requires_grad
     if conv:
-        new = Conv1D(out_f, in_f)
-        new.weight = nn.Parameter(w_oi.t().contiguous(), requires_grad=layer.weight.requires_grad)
-        new.bias = nn.Parameter(b.clone() if b is not None else torch.zeros(out_f, dtype=w.dtype),
-                                requires_grad=False if layer.bias is None else layer.bias.requires_grad)
-    else:
-        new = nn.Linear(in_f, out_f, bias=b is not None, device=w.device, dtype=w.dtype)
-        new.weight = nn.Parameter(w_oi.contiguous(), requires_grad=layer.weight.requires_grad)
-        if b is not None:
-            new.bias = nn.Parameter(b.clone(), requires_grad=layer.bias.requires_grad)
-    return new
+        conv1d = Conv1D(out_f, in_f)
+        conv1d.weight = nn.Parameter(w_oi.t().contiguous(), requires_grad=weight.requires_grad)
+        conv1d.bias = nn.Parameter(
+            b.clone() if b is not None else torch.zeros(out_f, dtype=w.dtype), requires_grad=bias_grad
+        )
+        return conv1d
+    linear = nn.Linear(in_f, out_f, bias=b is not None, device=w.device, dtype=w.dtype)
+    linear.weight = nn.Parameter(w_oi.contiguous(), requires_grad=weight.requires_grad)
+    if b is not None:
+        linear.bias = nn.Parameter(b.clone(), requires_grad=bias_grad)
+    return linear
 
 
 def _renumber(kept: torch.Tensor, size: int, ids: torch.Tensor) -> torch.Tensor:
@@ -49,8 +55,9 @@ def _renumber(kept: torch.Tensor, size: int, ids: torch.Tensor) -> torch.Tensor:
     return remap[ids]
 
 
-def _delta_keep(d: SparseLowRankDelta, rows: torch.Tensor | None, cols: torch.Tensor | None
-                ) -> SparseLowRankDelta:
+def _delta_keep(
+    d: SparseLowRankDelta, rows: torch.Tensor | None, cols: torch.Tensor | None
+) -> SparseLowRankDelta:
     """The update restricted to kept rows (local to its slice) and kept columns."""
     A, B = d.lora_A.detach(), d.lora_B.detach()
     idx, vals = d.sparse_index, d.sparse_values.detach()
@@ -65,8 +72,14 @@ def _delta_keep(d: SparseLowRankDelta, rows: torch.Tensor | None, cols: torch.Te
         new_c = _renumber(cols, d.in_features, idx[1])
         keep &= new_c >= 0
     index = torch.stack([new_r[keep], new_c[keep]])
-    nd = SparseLowRankDelta(A.shape[1], B.shape[0], d.r, d.scaling * d.r, index,
-                            d.dropout.p if isinstance(d.dropout, nn.Dropout) else 0.0)
+    nd = SparseLowRankDelta(
+        A.shape[1],
+        B.shape[0],
+        d.r,
+        d.scaling * d.r,
+        index,
+        d.dropout.p if isinstance(d.dropout, nn.Dropout) else 0.0,
+    )
     with torch.no_grad():
         nd.lora_A.copy_(A)
         nd.lora_B.copy_(B)
@@ -82,7 +95,7 @@ def keep_outputs(layer: nn.Module, rows) -> nn.Module:
     if not isinstance(layer, DSEELayer):
         return new_base
     deltas = {}
-    for name, d in layer.dsee.items():
+    for name, d in layer.updates():
         lo, hi = slice_bounds(base, name)
         local = rows_t[(rows_t >= lo) & (rows_t < hi)] - lo
         deltas[name] = _delta_keep(d, local, None)
@@ -95,4 +108,4 @@ def keep_inputs(layer: nn.Module, cols) -> nn.Module:
     new_base = _plain_keep(base, None, cols_t)
     if not isinstance(layer, DSEELayer):
         return new_base
-    return DSEELayer(new_base, {n: _delta_keep(d, None, cols_t) for n, d in layer.dsee.items()})
+    return DSEELayer(new_base, {n: _delta_keep(d, None, cols_t) for n, d in layer.updates()})

@@ -11,6 +11,7 @@ re-tuning and checkpoints. The update (alpha/r)(BA + S) is dense on its rows, so
 zeros: `sparsity_report` tells the real sparsity of the merged weights, and
 `mask_merged` prunes the merged weights again.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -28,16 +29,18 @@ UNSTRUCTURED_SCORES = ("magnitude", "abs", "wabs", "wanda")
 def prunable(model, patterns: list[str] | None = None) -> dict[str, nn.Module]:
     """Linear / Conv1D / DSEE layers inside the transformer blocks (not embeddings, not lm_head),
     or those whose names match `patterns` (fnmatch, suffix match)."""
-    out = {}
-    arch = None if patterns else arch_of(model)
+    out: dict[str, nn.Module] = {}
+    arch = arch_of(model) if not patterns else None
     for name, m in model.named_modules():
-        if isinstance(m, DSEELayer) or (isinstance(m, (nn.Linear, Conv1D)) and f".{BASE}" not in name
-                                        and not is_dsee_name(name)):
+        if isinstance(m, DSEELayer) or (
+            isinstance(m, (nn.Linear, Conv1D)) and f".{BASE}" not in name and not is_dsee_name(name)
+        ):
             if patterns:
-                if not any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p)
-                           for p in patterns):
+                if not any(
+                    fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns
+                ):
                     continue
-            elif arch.block_index(name) is None:
+            elif arch is not None and arch.block_index(name) is None:
                 continue
             out[name] = m
     return out
@@ -47,21 +50,21 @@ def _w(layer) -> torch.Tensor:
     return weight_out_in(unwrap(layer))
 
 
-def update_of(layer) -> torch.Tensor | None:
-    """The dense out x in update of a DSEE layer (zeros outside its slices), else None."""
-    if not isinstance(layer, DSEELayer):
-        return None
-    w = _w(layer)
-    d = torch.zeros(w.shape, dtype=torch.float32)
-    for name, delta in layer.dsee.items():
+def dense_update(layer: DSEELayer) -> torch.Tensor:
+    """The dense out x in update of a DSEE layer (zeros outside its slices)."""
+    d = torch.zeros(_w(layer).shape, dtype=torch.float32)
+    for name, delta in layer.updates():
         lo, hi = slice_bounds(layer.base_layer, name)
         d[lo:hi] = delta.delta_weight().detach().float()
     return d
 
 
-def _targeted_rows(layer) -> torch.Tensor | None:
-    if not isinstance(layer, DSEELayer):
-        return None
+def update_of(layer: nn.Module) -> torch.Tensor | None:
+    """The dense update of a DSEE layer, or None for a plain layer."""
+    return dense_update(layer) if isinstance(layer, DSEELayer) else None
+
+
+def _targeted_rows(layer: DSEELayer) -> torch.Tensor:
     rows = torch.zeros(_w(layer).shape[0], dtype=torch.bool)
     for name in layer.dsee:
         lo, hi = slice_bounds(layer.base_layer, name)
@@ -70,8 +73,9 @@ def _targeted_rows(layer) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def scores(layers: dict[str, nn.Module], method: str, input_norms: dict | None = None
-           ) -> dict[str, torch.Tensor]:
+def scores(
+    layers: dict[str, nn.Module], method: str, input_norms: dict | None = None
+) -> dict[str, torch.Tensor]:
     if method not in UNSTRUCTURED_SCORES:
         raise ValueError(f"unstructured score {method!r}; allowed: {', '.join(UNSTRUCTURED_SCORES)}")
     out = {}
@@ -79,8 +83,7 @@ def scores(layers: dict[str, nn.Module], method: str, input_norms: dict | None =
         w = _w(layer).detach().float()
         s = w.abs()
         if method in ("abs", "wabs") and isinstance(layer, DSEELayer):
-            rows = _targeted_rows(layer)
-            d = update_of(layer)
+            rows, d = _targeted_rows(layer), dense_update(layer)
             s[rows] = (d if method == "abs" else w + d)[rows].abs()
         elif method == "wanda":
             if input_norms is None or name not in input_norms:
@@ -96,9 +99,11 @@ def input_norms(model, layers: dict[str, nn.Module], batches) -> dict[str, torch
     sq: dict[str, torch.Tensor] = {}
     handles = []
     for name, layer in layers.items():
+
         def hook(module, args, name=name):
             x = args[0].detach().float()
             sq[name] = sq.get(name, 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+
         handles.append(layer.register_forward_pre_hook(hook))
     try:
         for ids in batches:
@@ -121,7 +126,7 @@ def masks(score: dict[str, torch.Tensor], ratio: float, scope: str = "global") -
     keep = _keep_top(flat, ratio)
     out, i = {}, 0
     for k, s in score.items():
-        out[k] = keep[i:i + s.numel()].view(s.shape)
+        out[k] = keep[i : i + s.numel()].view(s.shape)
         i += s.numel()
     return out
 
@@ -168,5 +173,4 @@ def sparsity_report(layers: dict[str, nn.Module]) -> dict:
         total += w.numel()
         zeros_w += zw
         zeros_merged += zm
-    return {"weight_sparsity": zeros_w / total, "merged_sparsity": zeros_merged / total,
-            "per_matrix": per}
+    return {"weight_sparsity": zeros_w / total, "merged_sparsity": zeros_merged / total, "per_matrix": per}

@@ -10,6 +10,7 @@ The format (names, tags, manifest, layout) is dsee_scale/checkpoint/format.py. H
   data, batches, precision); only the keys in MAY_CHANGE may differ.
 - `ensure_universal` / `restore_frozen`: resuming on another number of ranks.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -36,10 +37,23 @@ from ..zero import comm
 
 # Experiment keys a resumed run may change: how long it runs, how it reports and saves, where
 # things go. Anything else changes the run itself and is refused.
-MAY_CHANGE = ("train.max_steps", "train.epochs", "train.stop_at_step", "train.log_every",
-              "train.histogram_every", "train.collective_timeout_s", "train.max_nonfinite_steps",
-              "eval.*", "checkpoint.*", "output_dir", "deepspeed", "nvme_path", "data.cache_dir",
-              "data.max_eval_blocks", "prune.*")
+MAY_CHANGE = (
+    "train.max_steps",
+    "train.epochs",
+    "train.stop_at_step",
+    "train.log_every",
+    "train.histogram_every",
+    "train.collective_timeout_s",
+    "train.max_nonfinite_steps",
+    "eval.*",
+    "checkpoint.*",
+    "output_dir",
+    "deepspeed",
+    "nvme_path",
+    "data.cache_dir",
+    "data.max_eval_blocks",
+    "prune.*",
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,8 +61,11 @@ def rng_state() -> dict[str, Any]:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "accelerator": acc.get_rng_state() if acc.device_name() != "cpu" else None}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "accelerator": acc.get_rng_state() if acc.device_name() != "cpu" else None,
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -60,22 +77,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
-def save(engine, exp: ExperimentConfig, step: int, world: int, supports: dict[str, torch.Tensor],
-         rank: int) -> Path:
+def save(
+    engine, exp: ExperimentConfig, step: int, world: int, supports: dict[str, torch.Tensor], rank: int
+) -> Path:
     from safetensors.torch import save_file
 
     root = fmt.checkpoints_dir(exp.output_dir)
     tag = fmt.tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False,
-                           client_state={fmt.CLIENT_STEP: step, fmt.CLIENT_RNG: rng_state()})
+    engine.save_checkpoint(
+        str(root),
+        tag=tag,
+        save_latest=False,
+        client_state={fmt.CLIENT_STEP: step, fmt.CLIENT_RNG: rng_state()},
+    )
     comm.barrier()  # every rank's shards are written
     kill_during_save(step, rank)
     if rank == 0:
         d = root / tag
         save_file({k: v.contiguous() for k, v in supports.items()}, str(d / fmt.SUPPORTS))
         (d / fmt.EXPERIMENT).write_text(yaml.safe_dump(asdict(exp), sort_keys=False))
-        meta: fmt.Meta = {"step": step, "world_size": world, "tag": tag,
-                          "dsee_layers": fmt.layer_layout(engine.module)}
+        meta: fmt.Meta = {
+            "step": step,
+            "world_size": world,
+            "tag": tag,
+            "dsee_layers": fmt.layer_layout(engine.module),
+        }
         fmt.write_atomic(d / fmt.META, json.dumps(meta))
         fmt.write_manifest(d)
         fmt.write_atomic(root / fmt.LATEST, tag)  # only now is this checkpoint the one to resume
@@ -93,15 +119,18 @@ def resume_point(exp: ExperimentConfig) -> tuple[Path, str, fmt.Meta]:
     if not latest.is_file():
         raise UserError(f"--resume: no checkpoint in {str(root)!r} (no '{fmt.LATEST}' file)")
     tag = latest.read_text().strip()
-    problem = (f"{tag} does not exist" if not (root / tag).is_dir()
-               else fmt.manifest_problem(root / tag))
+    problem = f"{tag} does not exist" if not (root / tag).is_dir() else fmt.manifest_problem(root / tag)
     if problem is not None:
         intact = [t for t in reversed(fmt.tags(root)) if t != tag and fmt.manifest_problem(root / t) is None]
-        hint = (f"the newest intact checkpoint is {intact[0]}: resume from it with "
-                f"`echo {intact[0]} > {latest}` and --resume" if intact
-                else "no intact checkpoint is left: start over in a new output_dir")
-        raise UserError(f"--resume: the latest checkpoint {str(root / tag)!r} is not intact "
-                        f"({problem}); {hint}")
+        hint = (
+            f"the newest intact checkpoint is {intact[0]}: resume from it with "
+            f"`echo {intact[0]} > {latest}` and --resume"
+            if intact
+            else "no intact checkpoint is left: start over in a new output_dir"
+        )
+        raise UserError(
+            f"--resume: the latest checkpoint {str(root / tag)!r} is not intact ({problem}); {hint}"
+        )
     return root, tag, fmt.read_meta(root / tag)
 
 
@@ -123,9 +152,11 @@ def check_same_run(saved: dict, exp: ExperimentConfig, where: Path) -> None:
             continue
         old, new = old_flat.get(key), new_flat.get(key)
         if old != new:
-            raise ConfigError(f"--resume: {key} was {old!r} in {str(where)!r}, now {new!r}; a "
-                              f"resumed run keeps the run's settings (it may change only "
-                              f"{', '.join(MAY_CHANGE)}): start a new output_dir for another run")
+            raise ConfigError(
+                f"--resume: {key} was {old!r} in {str(where)!r}, now {new!r}; a "
+                f"resumed run keeps the run's settings (it may change only "
+                f"{', '.join(MAY_CHANGE)}): start a new output_dir for another run"
+            )
 
 
 def load_supports(root: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -143,13 +174,28 @@ def ensure_universal(root: Path, tag: str, rank: int) -> str:
     if rank == 0 and not (root / utag / "zero").is_dir():
         tmp = root / f"{utag}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                            "--input_folder", str(root / tag), "--output_folder", str(tmp),
-                            "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(root / tag),
+                "--output_folder",
+                str(tmp),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
-            raise UserError(f"--resume: converting {tag} to a universal checkpoint failed: "
-                            f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            raise UserError(
+                f"--resume: converting {tag} to a universal checkpoint failed: "
+                f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
+            )
         os.replace(tmp, root / utag)
     comm.barrier()
     return utag

@@ -5,11 +5,13 @@
 - `python launchers/train.py` alone is rank 0 of 1 on a free local port.
 `setup_env()` fills the torch.distributed variables from whichever is present.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -29,17 +31,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def discover(env: dict | None = None) -> DistEnv:
-    env = os.environ if env is None else env
+def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
+    env: Mapping[str, str] = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
-                       "torch")
+        return DistEnv(
+            int(env["RANK"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env["WORLD_SIZE"]),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torch",
+        )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
         port = int(env.get("MASTER_PORT", 29500))
-        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
-                       int(env["SLURM_NTASKS"]), addr, port, "slurm")
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            int(env["SLURM_NTASKS"]),
+            addr,
+            port,
+            "slurm",
+        )
     return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
 
@@ -106,8 +119,13 @@ def hostfile(hosts: list[str], slots: int) -> str:
 
 def setup_env() -> DistEnv:
     d = discover()
-    os.environ.update(RANK=str(d.rank), LOCAL_RANK=str(d.local_rank), WORLD_SIZE=str(d.world_size),
-                      MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port))
+    os.environ.update(
+        RANK=str(d.rank),
+        LOCAL_RANK=str(d.local_rank),
+        WORLD_SIZE=str(d.world_size),
+        MASTER_ADDR=d.master_addr,
+        MASTER_PORT=str(d.master_port),
+    )
     return d
 
 

@@ -15,6 +15,7 @@ and chosen here (`accelerator_settings`):
                           stage3_param_persistence_threshold 10*h
 A fixed value in the JSON is kept; one that disagrees with the YAML is an error.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,12 +37,15 @@ def _fill(node: dict, key: str, value, yaml_key: str, source: str) -> None:
     if current == "auto":
         node[key] = value
     elif current != value:
-        raise ConfigError(f"{source}: {key}={current!r} conflicts with {yaml_key}={value!r}; "
-                          f"set it to \"auto\" or make them equal")
+        raise ConfigError(
+            f"{source}: {key}={current!r} conflicts with {yaml_key}={value!r}; "
+            f'set it to "auto" or make them equal'
+        )
 
 
-def deepspeed_config(exp: ExperimentConfig, world_size: int, hidden_size: int | None = None,
-                     accelerator: str | None = None) -> dict:
+def deepspeed_config(
+    exp: ExperimentConfig, world_size: int, hidden_size: int | None = None, accelerator: str | None = None
+) -> dict:
     """The engine JSON with its "auto" values filled in from the experiment YAML and the
     accelerator (its name, e.g. "cuda" or "cpu"; default: DeepSpeed's accelerator)."""
     path = exp.deepspeed
@@ -52,12 +56,19 @@ def deepspeed_config(exp: ExperimentConfig, world_size: int, hidden_size: int | 
     t = exp.train
     per_step = t.micro_batch_size * world_size
     if t.batch_size % per_step:
-        raise ConfigError(f"train.batch_size: {t.batch_size} is not a multiple of micro_batch_size "
-                          f"x ranks = {t.micro_batch_size} x {world_size}")
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} is not a multiple of micro_batch_size "
+            f"x ranks = {t.micro_batch_size} x {world_size}"
+        )
     _fill(ds, "train_batch_size", t.batch_size, "train.batch_size", path)
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", path)
-    _fill(ds, "gradient_accumulation_steps", t.batch_size // per_step,
-          "train.batch_size / (micro_batch_size x ranks)", path)
+    _fill(
+        ds,
+        "gradient_accumulation_steps",
+        t.batch_size // per_step,
+        "train.batch_size / (micro_batch_size x ranks)",
+        path,
+    )
     _fill(ds, "gradient_clipping", t.grad_clip, "train.grad_clip", path)
     for name, on in (("bf16", t.precision == "bf16"), ("fp16", t.precision == "fp16")):
         ds.setdefault(name, {})
@@ -71,8 +82,9 @@ def deepspeed_config(exp: ExperimentConfig, world_size: int, hidden_size: int | 
         off = zero_cfg.get(part)
         if off and off.get("device") == "nvme":
             if not exp.nvme_path:
-                raise ConfigError(f"nvme_path: {path} offloads to NVMe; set nvme_path to a "
-                                  "directory on a fast local disk")
+                raise ConfigError(
+                    f"nvme_path: {path} offloads to NVMe; set nvme_path to a directory on a fast local disk"
+                )
             Path(exp.nvme_path).mkdir(parents=True, exist_ok=True)
             _fill(off, "nvme_path", exp.nvme_path, "nvme_path", path)
             preload_libaio()
@@ -101,9 +113,11 @@ def accelerator_settings(ds: dict, accelerator: str, hidden_size: int | None) ->
         if zero_cfg.get(part, {}).get("pin_memory") == "auto":
             zero_cfg[part]["pin_memory"] = gpu
     h = hidden_size
-    for key, value, fallback in (("reduce_bucket_size", h * h if h else None, int(5e8)),
-                                 ("stage3_prefetch_bucket_size", int(0.9 * h * h) if h else None, int(5e7)),
-                                 ("stage3_param_persistence_threshold", 10 * h if h else None, int(1e5))):
+    for key, value, fallback in (
+        ("reduce_bucket_size", h * h if h else None, int(5e8)),
+        ("stage3_prefetch_bucket_size", int(0.9 * h * h) if h else None, int(5e7)),
+        ("stage3_param_persistence_threshold", 10 * h if h else None, int(1e5)),
+    ):
         if zero_cfg.get(key) == "auto":
             zero_cfg[key] = value if value is not None else fallback
 
@@ -119,8 +133,9 @@ def preload_libaio() -> None:
     try:
         ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
     except OSError:
-        raise ConfigError("NVMe offload needs libaio (apt-get install libaio-dev, then "
-                          "bash scripts/setup.sh)") from None
+        raise ConfigError(
+            "NVMe offload needs libaio (apt-get install libaio-dev, then bash scripts/setup.sh)"
+        ) from None
 
 
 def zero_stage(ds: dict) -> int:
@@ -147,8 +162,7 @@ def lr_scheduler_factory(t, total_steps: int):
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[t.schedule]
 
     def make(optimizer):
-        return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps,
-                             num_training_steps=total_steps)
+        return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
 
     return make
 
@@ -158,8 +172,11 @@ def create_engine(model, ds: dict, exp: ExperimentConfig, total_steps: int) -> t
 
     params = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, config=ds,
-        lr_scheduler=lr_scheduler_factory(exp.train, total_steps))
+        model=model,
+        model_parameters=params,
+        config=ds,
+        lr_scheduler=lr_scheduler_factory(exp.train, total_steps),
+    )
     return engine, optimizer, scheduler
 
 

@@ -2,16 +2,27 @@
 
 DeepSpeed's own monitor does not write the training loss, so we write everything ourselves.
 """
+
 from __future__ import annotations
 
 import math
 import resource
 from pathlib import Path
+from typing import Any
 
 import torch
 
-SCALARS = ("train/loss", "train/perplexity", "train/lr", "train/grad_norm", "train/samples",
-           "perf/tokens_per_s", "perf/step_time_s", "mem/rss_mb", "model/trainable_params")
+SCALARS = (
+    "train/loss",
+    "train/perplexity",
+    "train/lr",
+    "train/grad_norm",
+    "train/samples",
+    "perf/tokens_per_s",
+    "perf/step_time_s",
+    "mem/rss_mb",
+    "model/trainable_params",
+)
 
 
 def rss_mb() -> float:
@@ -25,17 +36,18 @@ class Monitor:
 
     def __init__(self, log_dir: Path, enabled: bool, total_steps: int, start_step: int):
         self.enabled = enabled
-        self.writer = None
-        self.bar = None
+        self.writer: Any = None  # SummaryWriter and tqdm bar, on rank 0 only
+        self.bar: Any = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
 
             self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            )
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if not self.enabled:
             return
         for k, v in values.items():

@@ -10,6 +10,7 @@ schedule as they were, and `engine.was_step_applied()` says so. What is left to 
 - count the skips, log them, and stop after `train.max_nonfinite_steps` in a row (`Skips`).
 The tests' NaN fault is in dsee_scale/faults.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,9 +43,11 @@ class Skips:
         """Record step `step` (1-based); returns True when it was skipped."""
         finite = math.isfinite(loss_mean)
         if applied and not finite:
-            raise RunStopped(f"step {step}: the loss was not finite but the engine applied the "
-                             "step (this DeepSpeed config does not skip such steps; use a ZeRO "
-                             "config from ds_configs/)")
+            raise RunStopped(
+                f"step {step}: the loss was not finite but the engine applied the "
+                "step (this DeepSpeed config does not skip such steps; use a ZeRO "
+                "config from ds_configs/)"
+            )
         if applied:
             self.run = []
             return False
@@ -59,6 +62,8 @@ class Skips:
         if len(self.run) < self.limit:
             return None
         keep = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-        return (f"steps {self.run[0]}-{self.run[-1]}: {len(self.run)} steps in a row had a "
-                f"non-finite loss or gradient and were skipped (train.max_nonfinite_steps="
-                f"{self.limit}); the run stopped, {keep}")
+        return (
+            f"steps {self.run[0]}-{self.run[-1]}: {len(self.run)} steps in a row had a "
+            f"non-finite loss or gradient and were skipped (train.max_nonfinite_steps="
+            f"{self.limit}); the run stopped, {keep}"
+        )

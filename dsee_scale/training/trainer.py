@@ -9,6 +9,7 @@ Every rank runs it; only rank 0 writes logs, TensorBoard and checkpoint metadata
 row of small named steps, each usable alone. Device rule (zero/comm.py): batches go to the
 engine's device, every reduction goes through `comm`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,13 @@ from ..models import load_config, load_tokenizer
 from ..zero import comm, gathered
 from . import checkpoint as ckpt
 from .distributed import setup_env
-from .engine import (build_model, create_engine, deepspeed_config, enable_gradient_checkpointing,
-                     trainable_count)
+from .engine import (
+    build_model,
+    create_engine,
+    deepspeed_config,
+    enable_gradient_checkpointing,
+    trainable_count,
+)
 from .monitor import Monitor, memory_scalars
 from .nonfinite import Skips, backward_loss
 
@@ -66,12 +72,14 @@ def start_process_group(exp: ExperimentConfig) -> tuple[int, int]:
 def check_model_fits_data(config: Any, tokenizer: Any, block_size: int) -> None:
     n_pos = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if n_pos is not None and block_size > n_pos:
-        raise ConfigError(f"data.block_size: {block_size} is larger than the model's context "
-                          f"({n_pos} positions)")
+        raise ConfigError(
+            f"data.block_size: {block_size} is larger than the model's context ({n_pos} positions)"
+        )
     tok_vocab = getattr(tokenizer, "vocab_size", None)
     if tok_vocab is not None and tok_vocab > config.vocab_size:
-        raise ConfigError(f"model: the tokenizer has {tok_vocab} ids but the model's vocab_size is "
-                          f"{config.vocab_size}")
+        raise ConfigError(
+            f"model: the tokenizer has {tok_vocab} ids but the model's vocab_size is {config.vocab_size}"
+        )
 
 
 @torch.no_grad()
@@ -84,7 +92,7 @@ def evaluate(engine: Any, blocks: torch.Tensor, batch_size: int) -> float:
     rounds = math.ceil(math.ceil(blocks.shape[0] / world) / batch_size)
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # token-loss sum, tokens
     for i in range(rounds):
-        ids = mine[i * batch_size:(i + 1) * batch_size]
+        ids = mine[i * batch_size : (i + 1) * batch_size]
         weight = ids.shape[0]
         ids = (ids if weight else blocks[:1]).to(engine.device)
         loss = engine(input_ids=ids, labels=ids).loss
@@ -101,15 +109,16 @@ def dsee_histograms(model: nn.Module, monitor: Monitor, step: int) -> None:
     groups: dict[str, list[torch.Tensor]] = {"lora_A": [], "lora_B": [], "sparse_values": []}
     for m in model.modules():
         if isinstance(m, DSEELayer):
-            for d in m.dsee.values():
+            for _, d in m.updates():
                 groups["lora_A"].append(d.lora_A)
                 groups["lora_B"].append(d.lora_B)
                 groups["sparse_values"].append(d.sparse_values)
     for name, params in groups.items():
         with gathered(params):
             if monitor.enabled and params:
-                monitor.histogram(step, f"dsee/{name}",
-                                  torch.cat([p.detach().reshape(-1).float().cpu() for p in params]))
+                monitor.histogram(
+                    step, f"dsee/{name}", torch.cat([p.detach().reshape(-1).float().cpu() for p in params])
+                )
 
 
 @dataclass
@@ -122,7 +131,12 @@ class ResumePoint:
 
 class TrainingRun:
     def __init__(self, exp: ExperimentConfig, resume: bool = False, build: Builder | None = None):
-        self.exp, self.resume_requested, self.build = exp, resume, build
+        if exp.data is None:
+            raise ConfigError(
+                "data: the experiment has no data section (train_files, source or "
+                "hub_dataset); training needs one"
+            )
+        self.exp, self.data, self.resume_requested, self.build = exp, exp.data, resume, build
         self.out = Path(exp.output_dir)
 
     # ---- setup ---------------------------------------------------------------------------
@@ -142,9 +156,11 @@ class TrainingRun:
         root = fmt.checkpoints_dir(self.exp.output_dir)
         if not self.resume_requested:
             if (root / fmt.LATEST).exists():
-                raise ConfigError(f"output_dir: {str(self.out)!r} already holds a run "
-                                  f"(checkpoints/{fmt.LATEST}); continue it with --resume or "
-                                  "choose another output_dir")
+                raise ConfigError(
+                    f"output_dir: {str(self.out)!r} already holds a run "
+                    f"(checkpoints/{fmt.LATEST}); continue it with --resume or "
+                    "choose another output_dir"
+                )
             return None
         root, tag, meta = ckpt.resume_point(self.exp)
         ckpt.check_same_run(fmt.read_experiment(root / tag), self.exp, root / tag)
@@ -166,8 +182,12 @@ class TrainingRun:
             if self.resume is not None:
                 supports = ckpt.load_supports(self.resume.root, self.resume.meta["tag"])
             else:
-                supports = choose_supports(model, resolve_targets(model, exp.dsee), exp.dsee,
-                                           self._progress(f"supports ({exp.dsee.support})"))
+                supports = choose_supports(
+                    model,
+                    resolve_targets(model, exp.dsee),
+                    exp.dsee,
+                    self._progress(f"supports ({exp.dsee.support})"),
+                )
             inject(model, exp.dsee, supports)
         inject_s = 0.0 if self.resume is not None else time.perf_counter() - t0
         self.digests = comm.all_gather_objects(supports_digest(supports))
@@ -195,7 +215,7 @@ class TrainingRun:
 
     def load_data(self) -> Corpus:
         """Packed blocks; rank 0 tokenizes into the cache first, the others then read it."""
-        data = self.exp.data
+        data = self.data
         tokenizer = load_tokenizer(self.exp.model) or ByteTokenizer()
         check_model_fits_data(self.model.config, tokenizer, data.block_size)
         corpus = build_corpus(data, tokenizer) if self.rank == 0 else None
@@ -204,8 +224,11 @@ class TrainingRun:
 
     def create_engine(self) -> None:
         t = self.exp.train
-        n_train = self.corpus.train.shape[0]
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * n_train / t.batch_size))
+        if t.max_steps is not None:
+            self.total_steps = t.max_steps
+        else:  # validated: exactly one of max_steps, epochs
+            epochs = float(t.epochs or 0)
+            self.total_steps = max(1, math.ceil(epochs * self.corpus.train.shape[0] / t.batch_size))
         self.n_trainable = trainable_count(self.model)
         self.engine, _, self.scheduler = create_engine(self.model, self.ds, self.exp, self.total_steps)
         self.accum = self.engine.gradient_accumulation_steps()
@@ -225,17 +248,19 @@ class TrainingRun:
         return int(r.meta["step"])
 
     def open_logs(self) -> None:
-        exp, t = self.exp, self.exp.train
+        t = self.exp.train
         self.log_path = self.out / "train_log.jsonl"
         if self.rank == 0:  # only now: a run stopped by bad input leaves nothing on disk
             self.out.mkdir(parents=True, exist_ok=True)
             self._truncate_log()
         self.monitor = Monitor(self.out / "tensorboard", self.rank == 0, self.total_steps, self.start)
         stage = self.ds.get("zero_optimization", {}).get("stage", 0)
-        self.monitor.text(f"dsee-scale: {self.world} rank(s) on {comm.device()}, ZeRO stage {stage}, "
-                          f"{self.corpus.describe()}, {self.n_trainable:,} trainable parameters, "
-                          f"supports {self.digests[0]} (identical on {self.world} ranks, chosen in "
-                          f"{self.inject_s:.1f}s)")
+        self.monitor.text(
+            f"dsee-scale: {self.world} rank(s) on {comm.device()}, ZeRO stage {stage}, "
+            f"{self.corpus.describe()}, {self.n_trainable:,} trainable parameters, "
+            f"supports {self.digests[0]} (identical on {self.world} ranks, chosen in "
+            f"{self.inject_s:.1f}s)"
+        )
         if self.start == 0:
             self.monitor.scalars(0, {"model/trainable_params": float(self.n_trainable)})
         self.skips = Skips(t.max_nonfinite_steps, fp16=t.precision == "fp16")
@@ -243,16 +268,23 @@ class TrainingRun:
         self.last_good = str(self.resume.root / self.resume.tag) if self.resume else None
         self.eval_loss: float | None = None
         self.summary: dict[str, Any] = {
-            "world_size": self.world, "total_steps": self.total_steps, "start_step": self.start,
-            "supports_digest": self.digests[0], "trainable_params": self.n_trainable,
-            "inject_seconds": self.inject_s}
+            "world_size": self.world,
+            "total_steps": self.total_steps,
+            "start_step": self.start,
+            "supports_digest": self.digests[0],
+            "trainable_params": self.n_trainable,
+            "inject_seconds": self.inject_s,
+        }
 
     def _truncate_log(self) -> None:
         """Forget steps an earlier attempt logged after the resumed checkpoint (each step once)."""
         if not self.log_path.is_file():
             return
-        keep = [line for line in self.log_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.start]
+        keep = [
+            line
+            for line in self.log_path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= self.start
+        ]
         fmt.write_atomic(self.log_path, "".join(line + "\n" for line in keep))
 
     # ---- the loop ------------------------------------------------------------------------
@@ -278,10 +310,12 @@ class TrainingRun:
             # no scheduled checkpoint of a skipped step (the last good one stays `latest`); the
             # final one is written anyway: its state is the last good one's
             if (done % exp.checkpoint.every == 0 and not skipped) or done == self.total_steps or stop_here:
-                self.last_good = str(ckpt.save(self.engine, exp, done, self.world, self.supports,
-                                               self.rank))
-            self.summary.update(final_step=done, final_loss=loss if math.isfinite(loss) else None,
-                                skipped_steps=self.skips.total)
+                self.last_good = str(ckpt.save(self.engine, exp, done, self.world, self.supports, self.rank))
+            self.summary.update(
+                final_step=done,
+                final_loss=loss if math.isfinite(loss) else None,
+                skipped_steps=self.skips.total,
+            )
             if stop_here:
                 self.monitor.text(f"stopping at step {done} (train.stop_at_step); resume with --resume")
                 break
@@ -294,8 +328,16 @@ class TrainingRun:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         for micro in range(self.accum):
-            ids = micro_batch(self.corpus.train, step, micro, self.rank, self.world,
-                              t.micro_batch_size, t.batch_size, t.seed).to(engine.device)
+            ids = micro_batch(
+                self.corpus.train,
+                step,
+                micro,
+                self.rank,
+                self.world,
+                t.micro_batch_size,
+                t.batch_size,
+                t.seed,
+            ).to(engine.device)
             with self.fault(step + 1, micro):
                 loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(backward_loss(loss))
@@ -312,25 +354,51 @@ class TrainingRun:
         grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None
         lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
         finite = math.isfinite(loss)
-        tokens_per_s = t.batch_size * self.exp.data.block_size / seconds
+        tokens_per_s = t.batch_size * self.data.block_size / seconds
         with open(self.log_path, "a") as f:
-            f.write(json.dumps({"step": done, "loss": loss if finite else None, "lr": lr,
-                                "grad_norm": grad_norm, "step_time": seconds,
-                                **({"skipped": True} if skipped else {})}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": done,
+                        "loss": loss if finite else None,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "step_time": seconds,
+                        **({"skipped": True} if skipped else {}),
+                    }
+                )
+                + "\n"
+            )
         if skipped:
-            self.monitor.text(f"step {done}: skipped (loss {loss}, gradient not finite); "
-                              f"{self.skips.total} skipped so far")
+            self.monitor.text(
+                f"step {done}: skipped (loss {loss}, gradient not finite); {self.skips.total} skipped so far"
+            )
         if done % t.log_every == 0 or done == self.total_steps or skipped:
-            train = {} if skipped else {"train/loss": loss, "train/grad_norm": grad_norm,
-                                        "train/perplexity": math.exp(min(loss, 50))}
-            self.monitor.scalars(done, {**train, "train/lr": lr,
-                                        "train/skipped_steps": float(self.skips.total),
-                                        "train/samples": float(done * t.batch_size),
-                                        "perf/tokens_per_s": tokens_per_s,
-                                        "perf/step_time_s": seconds, **memory_scalars()})
+            train = (
+                {}
+                if skipped
+                else {
+                    "train/loss": loss,
+                    "train/grad_norm": grad_norm,
+                    "train/perplexity": math.exp(min(loss, 50)),
+                }
+            )
+            self.monitor.scalars(
+                done,
+                {
+                    **train,
+                    "train/lr": lr,
+                    "train/skipped_steps": float(self.skips.total),
+                    "train/samples": float(done * t.batch_size),
+                    "perf/tokens_per_s": tokens_per_s,
+                    "perf/step_time_s": seconds,
+                    **memory_scalars(),
+                },
+            )
         self.monitor.progress(done, loss, tokens_per_s)
 
     def run_eval(self, done: int) -> None:
+        assert self.corpus.eval is not None
         self.eval_loss = evaluate(self.engine, self.corpus.eval, self.exp.eval.batch_size)
         ppl = math.exp(min(self.eval_loss, 50))
         self.monitor.scalars(done, {"eval/loss": self.eval_loss, "eval/perplexity": ppl})

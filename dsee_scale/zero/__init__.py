@@ -19,6 +19,7 @@ transformers 5.x:
 - `deepspeed.checkpoint.ds_to_universal` (run as a module) and `checkpoint.load_universal`;
 - `engine.was_step_applied()` and `get_global_grad_norm()` after a skipped (non-finite) step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -75,8 +76,9 @@ def partitioned_loading(ds_config: dict) -> None:
     _live_hf_configs[:] = [HfDeepSpeedConfig(ds_config)]
 
 
-def full_tensors_one_per_rank(items: Sequence[tuple[K, torch.Tensor, Callable[[], torch.Tensor]]]
-                              ) -> Iterator[tuple[int, tuple[K, torch.Tensor] | None]]:
+def full_tensors_one_per_rank(
+    items: Sequence[tuple[K, torch.Tensor, Callable[[], torch.Tensor]]],
+) -> Iterator[tuple[int, tuple[K, torch.Tensor] | None]]:
     """Hand out full tensors in waves of `world`: rank j gets the j-th item of each wave.
 
     items: (key, the partitioned parameter, a function reading the wanted full tensor from it
@@ -86,7 +88,7 @@ def full_tensors_one_per_rank(items: Sequence[tuple[K, torch.Tensor, Callable[[]
     rank, world = comm.rank_and_world()
     for start in range(0, len(items), world):
         mine = None
-        for j, (key, param, read) in enumerate(items[start:start + world]):
+        for j, (key, param, read) in enumerate(items[start : start + world]):
             with gathered([param]):
                 if j == rank:
                     mine = (key, read().detach().float().clone())
@@ -96,6 +98,7 @@ def full_tensors_one_per_rank(items: Sequence[tuple[K, torch.Tensor, Callable[[]
 def copy_full_into(model: nn.Module, name: str, src: torch.Tensor, rank: int) -> None:
     """Write the full tensor `src` into parameter / buffer `name` (partitioned or not): gathered
     alone, written by rank 0, re-partitioned on exit."""
+    target: torch.Tensor
     try:
         target = model.get_parameter(name)
     except AttributeError:

@@ -12,6 +12,7 @@ back; the moves happen here and nowhere else. No other module calls torch.distri
 collectives (tests/test_architecture.py checks it). Outside a process group (one process, no
 launcher) every helper does the single-process thing.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -44,9 +45,11 @@ def init(local_rank: int, master_port: int, timeout_s: int) -> tuple[int, int]:
         deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout_s))
     except dist.DistNetworkError as e:
         if "listen" in str(e) or "address already in use" in str(e).lower():
-            raise UserError(f"master port {master_port} is already in use; pick another with "
-                            "`deepspeed --master_port N` (or MASTER_PORT=N for python / srun "
-                            "launches)") from None
+            raise UserError(
+                f"master port {master_port} is already in use; pick another with "
+                "`deepspeed --master_port N` (or MASTER_PORT=N for python / srun "
+                "launches)"
+            ) from None
         raise
     return dist.get_rank(), dist.get_world_size()
 
