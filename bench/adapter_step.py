@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import optimizer_bytes, peak_rss_mb, smollm2, stdlib_batch, write_result  # noqa: E402
-from dsee_scale.adapters import DSEEConfig, inject, trainable_parameter_count  # noqa: E402
+from dsee_scale.adapters import DSEEConfig, inject, trainable_parameter_count
+
+from common import optimizer_bytes, peak_rss_mb, smollm2, stdlib_batch, write_result
 
 
 def saved_bytes(model, ids) -> int:

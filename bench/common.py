@@ -51,6 +51,17 @@ def command() -> str:
     return " ".join(["python", str(script), *sys.argv[1:]])
 
 
+def load_file_module(path: Path):
+    """A Python file as a module, by path (for helpers that live outside any package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

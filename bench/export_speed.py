@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.common import write_result  # noqa: E402
 
 
 def run_measured(cmd, env) -> tuple[float, float, str]:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from common import peak_rss_mb, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.common import peak_rss_mb, write_result  # noqa: E402
 
 SMOLLM2 = dict(
     model_type="llama",

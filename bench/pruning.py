@@ -24,18 +24,18 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from dsee_scale.adapters import DSEEConfig, inject, merge_and_unload
+from dsee_scale.pruning import apply_plan, channel_scores, collect_activations, head_scores, make_plan
+from dsee_scale.pruning import unstructured as U
+
+from common import perplexity, smollm2, stdlib_corpus, tune, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.common import perplexity, smollm2, stdlib_corpus, tune, write_result  # noqa: E402
-from dsee_scale.adapters import DSEEConfig, inject, merge_and_unload  # noqa: E402
-from dsee_scale.pruning import apply_plan, channel_scores, collect_activations, head_scores, make_plan  # noqa: E402
-from dsee_scale.pruning import unstructured as U  # noqa: E402
 
 BLOCK = 256
 

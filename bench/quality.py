@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
+from common import peak_rss_mb, perplexity, smollm2, stdlib_corpus, tune, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.common import peak_rss_mb, perplexity, smollm2, stdlib_corpus, tune, write_result  # noqa: E402
 
 METHODS = [
     "base",

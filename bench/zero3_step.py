@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from common import peak_rss_mb, stdlib_batch, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.common import peak_rss_mb, stdlib_batch, write_result  # noqa: E402
 
 
 def main() -> None:

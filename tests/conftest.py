@@ -6,6 +6,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepsp
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
 from helpers import tiny_gpt2, tiny_llama  # noqa: E402
 
 

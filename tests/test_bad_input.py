@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+
 from helpers import ROOT, launch
 
 TINY = ROOT / "configs" / "gpt2-tiny.yaml"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import ROOT, free_port
 
 BENCH = ROOT / "bench"

@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
 
 from dsee_scale.training.distributed import discover, expand_nodelist, hostfile
+
+from helpers import ROOT
 
 
 def test_deepspeed_launcher_and_torchrun_env():

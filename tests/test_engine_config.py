@@ -3,11 +3,12 @@
 import json
 
 import pytest
-from helpers import ROOT
 
 from dsee_scale.errors import ConfigError
 from dsee_scale.experiment import load_experiment
 from dsee_scale.training.engine import deepspeed_config
+
+from helpers import ROOT
 
 
 def exp(*overrides):

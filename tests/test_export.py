@@ -7,13 +7,14 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, check, launch, save_tiny_model, tiny_llama, write_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dsee_scale.adapters import DSEEConfig, inject, load_adapter
 from dsee_scale.checkpoint import ZeroCheckpoint
 from dsee_scale.export import export_checkpoint
+
+from helpers import ROOT, check, launch, save_tiny_model, tiny_llama, write_config
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 

@@ -10,9 +10,10 @@ import time
 
 import psutil
 import torch
-from helpers import ROOT, free_port, save_tiny_model, write_config
 
 from dsee_scale import faults
+
+from helpers import ROOT, free_port, save_tiny_model, write_config
 
 
 def test_kill_9_of_one_rank_ends_the_job_within_two_minutes(tmp_path):

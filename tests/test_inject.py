@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from helpers import randomize_dsee, tiny_gpt2, tiny_llama
 
 from dsee_scale.adapters import (
     DSEEConfig,
@@ -18,6 +17,8 @@ from dsee_scale.adapters import (
     unmerge,
 )
 from dsee_scale.errors import ConfigError
+
+from helpers import randomize_dsee, tiny_gpt2, tiny_llama
 
 IDS = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
 

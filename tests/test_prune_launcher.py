@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import ROOT, check, launch, losses, save_tiny_model, write_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -15,6 +14,8 @@ from dsee_scale.data import ByteTokenizer, build_corpus, micro_batch
 from dsee_scale.experiment import load_experiment
 from dsee_scale.export import export_checkpoint
 from dsee_scale.pruning import LayerPlan, Plan, mask_hooks
+
+from helpers import ROOT, check, launch, losses, save_tiny_model, write_config
 
 TARGETS = {"gpt2": ["c_attn:q", "c_attn:v", "mlp.c_fc"], "llama": ["q_proj", "v_proj", "up_proj"]}
 

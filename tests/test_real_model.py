@@ -4,6 +4,7 @@ python3 -m pytest -m slow
 """
 
 import pytest
+
 from helpers import ROOT, check, launch, losses
 
 pytestmark = pytest.mark.slow

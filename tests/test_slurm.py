@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers import ROOT, check, free_port, launch, losses, save_tiny_model, write_config
 
 DAEMONS = ("munge", "slurmd", "slurmctld", "slurm-client")

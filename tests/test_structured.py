@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from helpers import randomize_dsee, tiny_gpt2, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from dsee_scale.adapters import DSEEConfig, DSEELayer, inject, merge_and_unload
@@ -16,6 +15,8 @@ from dsee_scale.pruning import (
     make_plan,
     mask_hooks,
 )
+
+from helpers import randomize_dsee, tiny_gpt2, tiny_llama
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from reference_grebsmo import grebsmo_reference, top_n_reference
 
 from dsee_scale.adapters.support import METHODS, grebsmo_sparse, select_supports, top_n
+
+from reference_grebsmo import grebsmo_reference, top_n_reference
 
 
 def planted(m, n, rank, N, seed, dtype=torch.float64):

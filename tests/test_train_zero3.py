@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import check, launch, losses, plain_reference_losses, save_tiny_model, write_config
 
 from dsee_scale.training.trainer import supports_digest
+
+from helpers import check, launch, losses, plain_reference_losses, save_tiny_model, write_config
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from helpers import randomize_dsee, tiny_gpt2, tiny_llama
 
 from dsee_scale.adapters import DSEEConfig, inject, merge
 from dsee_scale.adapters.layer import weight_out_in
 from dsee_scale.pruning import unstructured as U
+
+from helpers import randomize_dsee, tiny_gpt2, tiny_llama
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 

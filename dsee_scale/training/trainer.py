@@ -90,16 +90,18 @@ def evaluate(engine: Any, blocks: torch.Tensor, batch_size: int) -> float:
     engine.eval()
     mine = blocks[rank::world]
     rounds = math.ceil(math.ceil(blocks.shape[0] / world) / batch_size)
-    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # token-loss sum, tokens
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # sum of token losses
+    tokens = 0
     for i in range(rounds):
         ids = mine[i * batch_size : (i + 1) * batch_size]
         weight = ids.shape[0]
         ids = (ids if weight else blocks[:1]).to(engine.device)
         loss = engine(input_ids=ids, labels=ids).loss
         if weight:
-            tokens = ids.shape[0] * (ids.shape[1] - 1)
-            total += torch.stack([loss.detach().double() * tokens, loss.new_tensor(tokens).double()])
-    total = comm.sum_over_ranks(total)
+            n = ids.shape[0] * (ids.shape[1] - 1)
+            loss_sum += loss.detach().double() * n
+            tokens += n
+    total = comm.sum_over_ranks([float(loss_sum), tokens])
     engine.train()
     return float(total[0] / total[1])
 
