@@ -153,11 +153,43 @@ def losses(output_dir: Path) -> dict[int, float]:
     return out
 
 
-def plain_reference_losses(config: Path) -> tuple[dict[int, float], dict]:
-    """The same DSEE run in plain PyTorch (no DeepSpeed): the losses and the supports."""
+def deepspeed_params(ckpt_dir: Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter of a checkpoint, consolidated by DeepSpeed's own zero_to_fp32 (the
+    independent reference for our reader, export and training)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def rebuilt(ckpt_dir: Path, model_path: Path | None = None):
+    """The trained DSEE model of a checkpoint, rebuilt with plain transformers from DeepSpeed's
+    own consolidation (the reference for export and pruning): the base from model_path, or from
+    the checkpoint's model config (random-config and pruned models)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from dsee_scale.adapters import DSEEConfig, inject
+    from dsee_scale.checkpoint import ZeroCheckpoint
+    from dsee_scale.models import ModelConfig, load_config
+
+    ck = ZeroCheckpoint(ckpt_dir)
+    exp = ck.experiment()
+    if model_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(load_config(ModelConfig(config=exp["model"]["config"])))
+    inject(model, DSEEConfig(**exp["dsee"]), load_file(str(ck.dir / "dsee_supports.safetensors")))
+    state = deepspeed_params(ck.dir.parent, tag=ck.tag)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+def plain_reference(config: Path) -> tuple[dict[int, float], dict, dict[str, torch.Tensor]]:
+    """The same DSEE run in plain PyTorch (no DeepSpeed): the losses, the supports, and the
+    trained A, B and S values."""
     from transformers import AutoModelForCausalLM, get_scheduler
 
-    from dsee_scale.adapters import inject, supports_of
+    from dsee_scale.adapters import adapter_state_dict, inject, supports_of
     from dsee_scale.data import ByteTokenizer, build_corpus, micro_batch
     from dsee_scale.experiment import load_experiment
 
@@ -185,4 +217,5 @@ def plain_reference_losses(config: Path) -> tuple[dict[int, float], dict]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         out[step + 1] = total / accum
-    return out, {k: v.clone() for k, v in supports_of(model).items()}
+    trained = {k: v.detach().clone() for k, v in adapter_state_dict(model).items() if "sparse_index" not in k}
+    return out, {k: v.clone() for k, v in supports_of(model).items()}, trained

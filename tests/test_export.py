@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dsee_scale.adapters import DSEEConfig, inject, load_adapter
+from dsee_scale.adapters import load_adapter
 from dsee_scale.checkpoint import ZeroCheckpoint
 from dsee_scale.export import export_checkpoint
 
-from helpers import ROOT, check, launch, save_tiny_model, tiny_llama, write_config
+from helpers import ROOT, check, deepspeed_params, launch, rebuilt, save_tiny_model, tiny_llama, write_config
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -50,30 +50,16 @@ def runs(tmp_path_factory):
     return out
 
 
-def ds_reference(ckpt_dir):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir))
-
-
 def framework_logits(model_dir, ckpt_dir):
     """The trained DSEE model rebuilt from DeepSpeed's own consolidation (unmerged forward)."""
-    ck = ZeroCheckpoint(ckpt_dir)
-    import yaml
-
-    exp = yaml.safe_load((ck.dir / "experiment.yaml").read_text())
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    supports = load_file(str(ck.dir / "dsee_supports.safetensors"))
-    inject(model, DSEEConfig(**exp["dsee"]), supports)
-    model.load_state_dict({k: v.float() for k, v in ds_reference(ckpt_dir).items()}, strict=True)
     with torch.no_grad():
-        return model(IDS).logits
+        return rebuilt(ckpt_dir, model_dir)(IDS).logits
 
 
 @pytest.mark.parametrize("run", ["gpt2-1", "gpt2-2", "llama-2", "gpt2-bf16"])
 def test_every_tensor_matches_deepspeed_consolidation(runs, run):
     ck = ZeroCheckpoint(runs[run])
-    ref = ds_reference(runs[run])
+    ref = deepspeed_params(runs[run])
     names = ck.names()
     assert set(names) | set(ck.shared) == set(ref)
     for n in names:

@@ -129,9 +129,9 @@ def test_a_corrupted_checkpoint_is_refused_by_resume_and_export(tmp_path):
 
 
 def _params(ckpt_dir):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from helpers import deepspeed_params
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    return deepspeed_params(ckpt_dir.parent, tag=ckpt_dir.name)
 
 
 def test_a_nan_batch_is_skipped_logged_and_leaves_the_state_unchanged(tmp_path, monkeypatch):

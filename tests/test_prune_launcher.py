@@ -4,18 +4,15 @@ import json
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dsee_scale.adapters import DSEEConfig, inject
 from dsee_scale.checkpoint import ZeroCheckpoint
 from dsee_scale.data import ByteTokenizer, build_corpus, micro_batch
 from dsee_scale.experiment import load_experiment
 from dsee_scale.export import export_checkpoint
 from dsee_scale.pruning import LayerPlan, Plan, mask_hooks
 
-from helpers import ROOT, check, launch, losses, save_tiny_model, write_config
+from helpers import ROOT, check, launch, losses, rebuilt, save_tiny_model, write_config
 
 TARGETS = {"gpt2": ["c_attn:q", "c_attn:v", "mlp.c_fc"], "llama": ["q_proj", "v_proj", "up_proj"]}
 
@@ -53,27 +50,6 @@ def prune(cfg, ckpt, out, nproc, *overrides):
         )
     )
     return r, json.loads((out / "prune_plan.json").read_text())
-
-
-def rebuilt(ckpt_dir, model_path=None):
-    """The DSEE model of a checkpoint rebuilt with plain transformers from DeepSpeed's own
-    consolidation (the reference)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    ck = ZeroCheckpoint(ckpt_dir)
-    exp = yaml.safe_load((ck.dir / "experiment.yaml").read_text())
-    if model_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    else:
-        from dsee_scale.models import ModelConfig, load_config
-
-        model = AutoModelForCausalLM.from_config(load_config(ModelConfig(config=exp["model"]["config"])))
-    inject(model, DSEEConfig(**exp["dsee"]), load_file(str(ck.dir / "dsee_supports.safetensors")))
-    model.load_state_dict(
-        {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir)).items()},
-        strict=True,
-    )
-    return model.eval()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -277,7 +277,8 @@ def test_nvme_offload_trains(tmp_path):
         AsyncIOBuilder().load(verbose=False)
     except Exception as e:
         pytest.skip(f"DeepSpeed's async_io op does not load here: {e}")
-    model = save_tiny_model(tmp_path, "gpt2")
+    model = save_tiny_model(tmp_path, "gpt2", initializer_range=0.1)
+    kw = dict(train={"lr": 3e-2})  # a loss that moves in 6 steps
     cfg = write_config(
         tmp_path / "nvme.yaml",
         model,
@@ -285,7 +286,15 @@ def test_nvme_offload_trains(tmp_path):
         tmp_path / "cache",
         deepspeed=str(ROOT / "ds_configs" / "zero3_offload_nvme.json"),
         nvme_path=str(tmp_path / "nvme"),
+        **kw,
     )
     check(launch(cfg, 1))
-    assert sorted(losses(tmp_path / "run")) == list(range(1, 7))
     assert any((tmp_path / "nvme").rglob("*.swp")) or any((tmp_path / "nvme").iterdir())
+    # the same run without offload: the same losses (the optimizer state only lives elsewhere)
+    plain = write_config(tmp_path / "plain.yaml", model, tmp_path / "plain", tmp_path / "cache", **kw)
+    check(launch(plain, 1))
+    offloaded, reference = losses(tmp_path / "run"), losses(tmp_path / "plain")
+    assert sorted(offloaded) == sorted(reference) == list(range(1, 7))
+    assert reference[6] < reference[1] - 0.05
+    for s in reference:
+        assert offloaded[s] == pytest.approx(reference[s], rel=1e-5, abs=1e-5), (s, offloaded, reference)
