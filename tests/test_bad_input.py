@@ -77,3 +77,28 @@ def test_output_dir_that_holds_a_run_is_refused(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "already holds a run" in r.stderr and "--resume" in r.stderr
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    out.write_text("not a directory")
+    r = launch(TINY, 1, f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
+    assert "output_dir" in errors[0] and "existing file" in errors[0]
+    assert out.read_text() == "not a directory" and not (tmp_path / "cache").exists()  # no work done
+
+
+def test_a_busy_master_port_is_one_line_naming_the_port_and_the_flag(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        r = launch(TINY, 1, f"output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
+    assert f"master port {port} is already in use" in errors[0] and "--master_port" in errors[0]
+    assert not (tmp_path / "out").exists()

@@ -66,6 +66,7 @@ def test_single_process():
         ("node1", ["node1"]),
         ("gpu[01-03,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]),
         ("a[8-10]x,b[1,3]", ["a8x", "a9x", "a10x", "b1", "b3"]),
+        ("rack[1-2]-node[01-02]", ["rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02"]),
     ],
 )
 def test_expand_nodelist(nodelist, hosts):
@@ -83,3 +84,23 @@ def test_hostfile_cli_needs_a_nodelist(monkeypatch):
         env=env,
     )
     assert r.returncode == 2 and "SLURM_JOB_NODELIST" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_host_names_come_from_scontrol_where_slurm_is_installed(tmp_path, monkeypatch):
+    """Slurm's own expansion is the authority (`scontrol show hostnames`, as the sbatch scripts
+    use); ours is only the fallback."""
+    import os
+    import stat
+
+    from dsee_scale.training.distributed import slurm_hostnames
+
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames n[1-2]" ] && printf "alpha\\nbeta\\n"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert slurm_hostnames("n[1-2]") == ["alpha", "beta"]
+    r = subprocess.run(
+        [sys.executable, "-m", "dsee_scale", "hostfile", "--slots", "4", "--nodelist", "n[1-2]"],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ),
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stdout == "alpha slots=4\nbeta slots=4\n", r.stderr

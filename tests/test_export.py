@@ -179,3 +179,14 @@ def test_out_dir_is_never_half_written_or_silently_replaced(runs, tmp_path, monk
     monkeypatch.undo()
     r = run_cli(runs["gpt2-1"], out, "--force")
     assert r.returncode == 0 and not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_shard_sizes_in_decimal_and_binary_units():
+    from dsee_scale.errors import UserError
+    from dsee_scale.export import parse_size
+
+    assert parse_size("2GiB") == 2**31 and parse_size("512MiB") == 2**29
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("100") == 100
+    for bad in ("2 apples", "GiB", "2XB", "1.5iB"):
+        with pytest.raises(UserError, match="--max-shard-size"):
+            parse_size(bad)

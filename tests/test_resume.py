@@ -6,6 +6,7 @@ import json
 import pytest
 
 from dsee_scale import faults
+
 from helpers import check, launch, losses, save_tiny_model, write_config
 
 # dropout everywhere (the model's and DSEE's own): a resume that loses the RNG state diverges
