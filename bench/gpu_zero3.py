@@ -5,11 +5,12 @@
                                                                           CPU, for the tests)
 Models: a GPT-2 medium-sized model (355M, random weights: speed and memory do not depend on the
 values) and SmolLM2-135M (the GGUF when it can be fetched; otherwise its architecture with random
-weights, and the result says which). Each model is tuned with DSEE r=8 N=64 on q,v (SVD support,
-cheap to choose) and with PEFT LoRA r=8 on q,v (GPT-2: on the fused c_attn, q,k,v, as PEFT cannot
-target slices of it): the same batch, engine config (ZeRO-3, bf16,
-AdamW) and process; each engine is built, warmed up (2 steps), timed and torn down in turn, with
-the peak memory counter reset in between. Results: bench/results/gpu_zero3_<card>.json.
+weights, and the result says which). Each model is tuned with DSEE r=8 N=64 and with PEFT LoRA
+r=8 on the SAME matrices (SmolLM2: q_proj and v_proj; GPT-2: the whole fused c_attn, since PEFT
+cannot target a slice of it, so DSEE takes all of it too): the same batch, engine config
+(ZeRO-3, bf16, AdamW) and process; each engine is built, warmed up (2 steps), timed and torn down
+in turn, with the peak memory counter reset in between. SVD supports (cheap to choose).
+Results: bench/results/gpu_zero3_<card>.json.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ TINY = {
     "gpt2-medium": dict(GPT2_MEDIUM, n_layer=2, n_embd=64, n_head=4),
     "smollm2-135m": dict(SMOLLM2, hidden_size=72, intermediate_size=96, num_hidden_layers=2),
 }
-TARGETS = {"gpt2": ["c_attn:q", "c_attn:v"], "llama": ["q_proj", "v_proj"]}
+TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}  # what LoRA targets too
 LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 
 

@@ -130,3 +130,51 @@ def test_fused_update_passes_gradcheck():
     values = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
     index = torch.tensor([[0, 0, 1, 3, 4, 4], [0, 6, 2, 2, 1, 5]])
     assert torch.autograd.gradcheck(lambda *t: sparse_low_rank_update(*t, index, 1.5), (x, A, B, values))
+
+
+# The same checks on every device this machine has (the device check runs them on a GPU:
+# `pytest tests/test_delta.py -k on_device`); here only "cpu".
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_device_forward_backward_match_the_dense_reference(device):
+    layer = make_layer("conv1d", ("q", "v"))
+    x = torch.randn(3, 5, IN)
+    y_ref, _ = dense_reference(layer, x)
+    layer = layer.to(device)
+    assert all(d.sparse_index.device.type == device for _, d in layer.updates())
+    xd = x.to(device).requires_grad_()
+    y = layer(xd)
+    torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-4, atol=1e-4)
+    y.square().sum().backward()
+    assert all(
+        p.grad is not None and p.grad.device.type == device for p in layer.parameters() if p.requires_grad
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_device_gradcheck_in_float64(device):
+    from dsee_scale.adapters.delta import sparse_low_rank_update
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {"x": (2, 3, 7), "A": (2, 7), "B": (5, 2), "values": (6,)}
+    args = [
+        torch.randn(s, dtype=torch.float64, generator=g).to(device).requires_grad_() for s in shapes.values()
+    ]
+    index = torch.tensor([[0, 0, 1, 3, 4, 4], [0, 6, 2, 2, 1, 5]], device=device)
+    assert torch.autograd.gradcheck(lambda *t: sparse_low_rank_update(*t, index, 1.5), tuple(args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_device_bf16_is_close_to_fp32(device):
+    """bf16 activations and weights (as a bf16 ZeRO-3 run has them): index_add_ in bf16 works
+    and the update stays within bf16 rounding of the fp32 one."""
+    layer = make_layer("linear").to(device)
+    x = torch.randn(4, 9, IN, device=device)
+    with torch.no_grad():
+        y32 = layer(x)
+        y16 = layer.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    rel = (y16.float() - y32).norm() / y32.norm()
+    assert rel < 2e-2, rel

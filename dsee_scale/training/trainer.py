@@ -408,7 +408,9 @@ class TrainingRun:
 
     # ---- cleanup -------------------------------------------------------------------------
     def cleanup(self) -> None:
-        self.summary["peak_rss_mb_per_rank"] = comm.all_gather_objects(memory_scalars()["mem/rss_mb"])
+        memory = comm.all_gather_objects(memory_scalars())  # per rank: RSS, accelerator memory
+        self.summary["peak_rss_mb_per_rank"] = [m["mem/rss_mb"] for m in memory]
+        self.summary["peak_memory_mb_per_rank"] = memory
         self.monitor.close()
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
