@@ -166,15 +166,16 @@ def test_on_device_gradcheck_in_float64(device):
     assert torch.autograd.gradcheck(lambda *t: sparse_low_rank_update(*t, index, 1.5), tuple(args))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device", DEVICES)
-def test_on_device_bf16_is_close_to_fp32(device):
-    """bf16 activations and weights (as a bf16 ZeRO-3 run has them): index_add_ in bf16 works
-    and the update stays within bf16 rounding of the fp32 one."""
+def test_on_device_half_precision_is_close_to_fp32(device, dtype):
+    """bf16 / fp16 activations and weights (as a bf16 or fp16 ZeRO-3 run has them): index_add_
+    in that dtype works and the update stays within its rounding of the fp32 one."""
     layer = make_layer("linear").to(device)
     x = torch.randn(4, 9, IN, device=device)
     with torch.no_grad():
         y32 = layer(x)
-        y16 = layer.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert y16.dtype == torch.bfloat16
+        y16 = layer.to(dtype)(x.to(dtype))
+    assert y16.dtype == dtype
     rel = (y16.float() - y32).norm() / y32.norm()
-    assert rel < 2e-2, rel
+    assert rel < (2e-2 if dtype == torch.bfloat16 else 5e-3), rel
