@@ -131,7 +131,7 @@ def test_the_training_step_feeds_the_engine_and_reduces_on_the_accelerator(accel
 
 
 def test_evaluation_feeds_the_engine_and_reduces_on_the_accelerator(accelerator):
-    from dsee_scale.training.trainer import evaluate
+    from dsee_scale.training.evaluate import evaluate
 
     engine = RecordingEngine()
     loss = evaluate(engine, torch.randint(0, 256, (5, 8)), batch_size=2)

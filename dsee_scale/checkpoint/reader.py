@@ -72,37 +72,42 @@ def _safe_load(path: Path):
         ) from None
 
 
+def partition_numel(numel: int, world: int) -> int:
+    """Elements of one rank's partition of an n-element parameter (the last one padded)."""
+    return math.ceil(numel / world)
+
+
+def resolve_tag_dir(ckpt_dir: str | Path, tag: str | None) -> tuple[Path, str]:
+    """(the tag directory, its tag) of <output_dir>/checkpoints (+ tag or `latest`), or of a
+    step_N directory given directly."""
+    root = Path(ckpt_dir)
+    available = f"(available: {', '.join(fmt.tags(root)) or 'none'})"
+    if (root / fmt.LATEST).is_file() or fmt.tags(root):
+        if tag is None:
+            if not (root / fmt.LATEST).is_file():
+                raise UserError(f"{str(root)!r} has no '{fmt.LATEST}' file; pass --tag {available}")
+            tag = (root / fmt.LATEST).read_text().strip()
+        d = root / tag
+    else:  # given the tag directory itself
+        d, tag = root, root.name
+    if not d.is_dir():
+        raise UserError(f"checkpoint tag {tag!r} not found in {str(root)!r} {available}")
+    return d, tag
+
+
 class ZeroCheckpoint:
     def __init__(self, ckpt_dir: str | Path, tag: str | None = None):
-        root = Path(ckpt_dir)
-        if (root / fmt.LATEST).is_file() or fmt.tags(root):
-            if tag is None:
-                if not (root / fmt.LATEST).is_file():
-                    raise UserError(
-                        f"{str(root)!r} has no '{fmt.LATEST}' file; pass --tag "
-                        f"(available: {', '.join(fmt.tags(root)) or 'none'})"
-                    )
-                tag = (root / fmt.LATEST).read_text().strip()
-            d = root / tag
-        else:  # given the tag directory itself
-            d, tag = root, root.name
-        if not d.is_dir():
-            raise UserError(
-                f"checkpoint tag {tag!r} not found in {str(root)!r} "
-                f"(available: {', '.join(fmt.tags(root)) or 'none'})"
-            )
-        self.dir, self.tag = d, tag
+        self.dir, self.tag = resolve_tag_dir(ckpt_dir, tag)
+        d = self.dir
         fmt.verify_manifest(d)  # files, sizes, checksums as written
         self.meta = fmt.read_meta(d)
-        world = self.meta["world_size"]
-        bf16 = (d / optim_file(0, bf16=True)).is_file()
-        for r in range(world):
-            for name in (model_file(r), optim_file(r, bf16)):
+        self.world = self.meta["world_size"]
+        self.bf16 = (d / optim_file(0, bf16=True)).is_file()
+        for r in range(self.world):
+            for name in (model_file(r), optim_file(r, self.bf16)):
                 if not (d / name).is_file():
-                    raise UserError(
-                        f"checkpoint {str(d)!r} was written by {world} ranks but {name} is missing"
-                    )
-        self.world, self.bf16 = world, bf16
+                    raise UserError(f"checkpoint {str(d)!r} was written by {self.world} ranks but "
+                                    f"{name} is missing")  # fmt: skip
         self._open()
         ms = self.model_states[0]
         self.ds_version = str(ms.get(DS_VERSION, "unknown"))
@@ -110,30 +115,32 @@ class ZeroCheckpoint:
         self.trainable_shapes: dict[str, torch.Size] = {}
         for group in ms[PARAM_SHAPES]:
             self.trainable_shapes.update(group)
-        self.offsets: dict[str, int] = {}
+        self.offsets: dict[str, int] = {}  # where each trainable parameter starts in a partition
         offset = 0
         for name, shape in self.trainable_shapes.items():
             self.offsets[name] = offset
-            offset += math.ceil(shape.numel() / world)
-        for r in range(world):
-            if self.flat[r].numel() != offset:
-                raise UserError(
-                    f"{optim_file(r, bf16)} in {str(d)!r} holds {self.flat[r].numel()} "
-                    f"trainable values, {offset} expected: truncated or mismatched"
-                )
-        for name, shape in self.frozen_shapes.items():
-            part = math.ceil(shape.numel() / world)
-            for r, rank_states in enumerate(self.model_states):
-                fragment = rank_states[FROZEN_PARAM_FRAGMENTS].get(name)
-                if fragment is None or fragment.numel() != part:
-                    raise UserError(
-                        f"{model_file(r)} in {str(d)!r}: the frozen fragment of {name} "
-                        f"holds {None if fragment is None else fragment.numel()} "
-                        f"values, {part} expected: truncated or mismatched"
-                    )
+            offset += partition_numel(shape.numel(), self.world)
+        self._check_layout(offset)
         self.buffer_names = list(ms.get(BUFFER_NAMES, []))
         self.shared = dict(ms.get(SHARED_PARAMS) or {})  # alias -> name
         self.order = [k for k in ms[MODULE] if k not in self.shared]
+
+    def _check_layout(self, trainable_numel: int) -> None:
+        """Every rank holds exactly its partitions, as DeepSpeed's zero_to_fp32 insists."""
+        for r in range(self.world):
+            if self.flat[r].numel() != trainable_numel:
+                raise UserError(f"{optim_file(r, self.bf16)} in {str(self.dir)!r} holds "
+                                f"{self.flat[r].numel()} trainable values, {trainable_numel} expected: "
+                                "truncated or mismatched")  # fmt: skip
+        for name, shape in self.frozen_shapes.items():
+            part = partition_numel(shape.numel(), self.world)
+            for r, rank_states in enumerate(self.model_states):
+                fragment = rank_states[FROZEN_PARAM_FRAGMENTS].get(name)
+                if fragment is None or fragment.numel() != part:
+                    have = None if fragment is None else fragment.numel()
+                    raise UserError(f"{model_file(r)} in {str(self.dir)!r}: the frozen fragment of "
+                                    f"{name} holds {have} values, {part} expected: truncated or "
+                                    "mismatched")  # fmt: skip
 
     def _open(self) -> None:
         """Map every rank's files (again): pages read so far are let go with the old maps."""
@@ -173,7 +180,7 @@ class ZeroCheckpoint:
             name = self.shared[name]
         if name in self.trainable_shapes:
             shape = self.trainable_shapes[name]
-            part = math.ceil(shape.numel() / self.world)
+            part = partition_numel(shape.numel(), self.world)
             o = self.offsets[name]
             pieces = [self.flat[r].narrow(0, o, part) for r in range(self.world)]
             return torch.cat(pieces).narrow(0, 0, shape.numel()).view(shape).clone()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -234,71 +234,71 @@ def pruned_block(cm: CheckpointModel, i: int, pc: PruneConfig, plan: Plan | None
     return b
 
 
+@dataclass
+class Decision:
+    """What pruning removes: a structured plan or unstructured keep-masks, and the new config."""
+
+    plan: Plan | None
+    keep: dict[int, dict[str, torch.Tensor]] | None
+    config: Any
+    summary: dict  # JSON-able: plan or mask digests, weight sparsity
+
+
+def decide(cm: CheckpointModel, pc: PruneConfig, stats: dict | None) -> Decision:
+    if pc.kind == "unstructured":
+        keep = unstructured_masks(cm, pc, stats)
+        masks = [m for block in keep.values() for m in block.values()]
+        digests = {i: {k: hashlib.sha256(m.numpy().tobytes()).hexdigest() for k, m in d.items()}
+                   for i, d in keep.items()}  # fmt: skip
+        sparsity = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
+        return Decision(None, keep, cm.config, {"decision": digests, "weight_sparsity": sparsity})
+    H, KV, hd, inter, _, _ = cm.dims
+    if pc.channels_per_layer >= inter:
+        raise ConfigError(f"prune.channels_per_layer: {pc.channels_per_layer} of {inter} channels; "
+                          f"allowed: 0..{inter - 1}")  # fmt: skip
+    try:
+        plan = structured_plan(cm, pc, stats)
+    except ValueError as e:  # a head count the kv groups cannot take
+        raise ConfigError(f"prune.heads_per_layer: {e} (model: {H} q heads, {KV} kv heads)") from None
+    nq, nkv, nch = plan_sizes(plan, inter)
+    config = pruned_config(cm.config, nq, nkv, hd, nch)
+    return Decision(plan, None, config, {"decision": plan.to_dict(), "weight_sparsity": None})
+
+
+def pruned_experiment(exp: ExperimentConfig, cm: CheckpointModel, config: Any) -> ExperimentConfig:
+    """The re-tuning experiment: the pruned model (as a config; weights come from the builder)
+    with the tuned run's tokenizer and DSEE settings, the rest from `exp`."""
+    src = resolve_preset(cm.model_cfg)
+    has_tokenizer = load_tokenizer(src) is not None  # random / bare models: byte tokens
+    tokenizer = (src.tokenizer or src.path or src.gguf_file) if has_tokenizer else None
+    cfg_dict = config.to_dict()
+    for key in ("transformers_version", "architectures", "dtype"):
+        cfg_dict.pop(key, None)
+    model = ModelConfig(config=cfg_dict, tokenizer=tokenizer, dtype=cm.model_cfg.dtype)
+    return replace(exp, model=model, dsee=copy.deepcopy(cm.dsee))
+
+
 def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
-    """Score and decide; returns (the pruned experiment to re-tune, a builder for trainer.run,
-    a summary)."""
+    """Score and decide (the same on every rank, checked); returns (the pruned experiment to
+    re-tune, a builder for trainer.run, a summary for prune_plan.json)."""
     pc = exp.prune
     if pc is None:
         raise ConfigError("prune: the experiment has no prune section")
     cm = CheckpointModel(from_dir)
-    stats = calibration(exp, cm, pc)
-    plan = keep = None
-    if pc.kind == "structured":
-        H, KV, hd, inter, _, _ = cm.dims
-        if pc.channels_per_layer >= inter:
-            raise ConfigError(
-                f"prune.channels_per_layer: {pc.channels_per_layer} of {inter} "
-                f"channels; allowed: 0..{inter - 1}"
-            )
-        try:
-            plan = structured_plan(cm, pc, stats)
-        except ValueError as e:  # a head count the kv groups cannot take
-            raise ConfigError(f"prune.heads_per_layer: {e} (model: {H} q heads, {KV} kv heads)") from None
-        nq, nkv, nch = plan_sizes(plan, inter)
-        new_config = pruned_config(cm.config, nq, nkv, hd, nch)
-        decision = plan.to_dict()
-    else:
-        keep = unstructured_masks(cm, pc, stats)
-        new_config = cm.config
-        decision = {
-            i: {k: hashlib.sha256(m.numpy().tobytes()).hexdigest() for k, m in d.items()}
-            for i, d in keep.items()
-        }
-        pruned_n = sum(int((~m).sum()) for d_ in keep.values() for m in d_.values())
-        total_n = sum(m.numel() for d_ in keep.values() for m in d_.values())
-    d = digest(decision)
+    decision = decide(cm, pc, calibration(exp, cm, pc))
+    d = digest(decision.summary["decision"])
     if len(set(comm.all_gather_objects(d))) != 1:
         raise RuntimeError("ranks took different pruning decisions")
-
-    src = resolve_preset(cm.model_cfg)
-    has_tokenizer = load_tokenizer(src) is not None  # random / bare models: byte tokens
-    tokenizer = (src.tokenizer or src.path or src.gguf_file) if has_tokenizer else None
-    cfg_dict = new_config.to_dict()
-    cfg_dict.pop("transformers_version", None)
-    cfg_dict.pop("architectures", None)
-    cfg_dict.pop("dtype", None)
-    pruned_exp = replace(
-        exp,
-        model=ModelConfig(config=cfg_dict, tokenizer=tokenizer, dtype=cm.model_cfg.dtype),
-        dsee=copy.deepcopy(cm.dsee),
-    )
+    pruned = pruned_experiment(exp, cm, decision.config)
 
     def build(exp_, ds, rank_, world_):
-        return build_pruned(cm, pc, plan, keep, exp_, ds, rank_)
+        return build_pruned(cm, pc, decision.plan, decision.keep, exp_, ds, rank_)
 
-    summary = {
-        "from": str(cm.ck.dir),
-        "kind": pc.kind,
-        "decision_digest": d,
-        "decision": decision,
-        "weight_sparsity": pruned_n / total_n if keep is not None else None,
-        "config": {
-            k: cfg_dict[k]
-            for k in (cm.arch.heads_key, cm.arch.kv_heads_key, cm.arch.intermediate_key, "head_dim")
-            if k and k in cfg_dict
-        },
-    }
-    return pruned_exp, build, summary
+    sizes = pruned.model.config or {}
+    keys = (cm.arch.heads_key, cm.arch.kv_heads_key, cm.arch.intermediate_key, "head_dim")
+    summary = {"from": str(cm.ck.dir), "kind": pc.kind, "decision_digest": d, **decision.summary,
+               "config": {k: sizes[k] for k in keys if k and k in sizes}}  # fmt: skip
+    return pruned, build, summary
 
 
 def build_pruned(cm: CheckpointModel, pc: PruneConfig, plan, keep, exp, ds, rank: int):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import DSEELayer, choose_supports, inject
+from ..adapters import choose_supports, inject
 from ..adapters.inject import check_num_sparse, resolve_targets
 from ..checkpoint import format as fmt
 from ..data import ByteTokenizer, Corpus, build_corpus, micro_batch
@@ -33,7 +33,7 @@ from ..errors import ConfigError, RunStopped
 from ..experiment import ExperimentConfig
 from ..faults import exit_after_step, nan_fault
 from ..models import load_config, load_tokenizer
-from ..zero import comm, gathered
+from ..zero import comm
 from . import checkpoint as ckpt
 from .distributed import setup_env
 from .engine import (
@@ -43,6 +43,7 @@ from .engine import (
     enable_gradient_checkpointing,
     trainable_count,
 )
+from .evaluate import dsee_histograms, evaluate
 from .monitor import Monitor, memory_scalars
 from .nonfinite import Skips, backward_loss
 
@@ -80,47 +81,6 @@ def check_model_fits_data(config: Any, tokenizer: Any, block_size: int) -> None:
         raise ConfigError(
             f"model: the tokenizer has {tok_vocab} ids but the model's vocab_size is {config.vocab_size}"
         )
-
-
-@torch.no_grad()
-def evaluate(engine: Any, blocks: torch.Tensor, batch_size: int) -> float:
-    """Mean held-out token loss over all eval blocks. Every rank runs the same number of
-    forwards (ZeRO-3 gathers parameters collectively); a rank out of blocks runs a dummy one."""
-    rank, world = comm.rank_and_world()
-    engine.eval()
-    mine = blocks[rank::world]
-    rounds = math.ceil(math.ceil(blocks.shape[0] / world) / batch_size)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # sum of token losses
-    tokens = 0
-    for i in range(rounds):
-        ids = mine[i * batch_size : (i + 1) * batch_size]
-        weight = ids.shape[0]
-        ids = (ids if weight else blocks[:1]).to(engine.device)
-        loss = engine(input_ids=ids, labels=ids).loss
-        if weight:
-            n = ids.shape[0] * (ids.shape[1] - 1)
-            loss_sum += loss.detach().double() * n
-            tokens += n
-    total = comm.sum_over_ranks([float(loss_sum), tokens])
-    engine.train()
-    return float(total[0] / total[1])
-
-
-def dsee_histograms(model: nn.Module, monitor: Monitor, step: int) -> None:
-    """Histograms of the DSEE values (gathered: a collective, so every rank calls it)."""
-    groups: dict[str, list[torch.Tensor]] = {"lora_A": [], "lora_B": [], "sparse_values": []}
-    for m in model.modules():
-        if isinstance(m, DSEELayer):
-            for _, d in m.updates():
-                groups["lora_A"].append(d.lora_A)
-                groups["lora_B"].append(d.lora_B)
-                groups["sparse_values"].append(d.sparse_values)
-    for name, params in groups.items():
-        with gathered(params):
-            if monitor.enabled and params:
-                monitor.histogram(
-                    step, f"dsee/{name}", torch.cat([p.detach().reshape(-1).float().cpu() for p in params])
-                )
 
 
 @dataclass
@@ -330,16 +290,8 @@ class TrainingRun:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         for micro in range(self.accum):
-            ids = micro_batch(
-                self.corpus.train,
-                step,
-                micro,
-                self.rank,
-                self.world,
-                t.micro_batch_size,
-                t.batch_size,
-                t.seed,
-            ).to(engine.device)
+            ids = micro_batch(self.corpus.train, step, micro, self.rank, self.world,
+                              t.micro_batch_size, t.batch_size, t.seed).to(engine.device)  # fmt: skip
             with self.fault(step + 1, micro):
                 loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(backward_loss(loss))
@@ -349,54 +301,30 @@ class TrainingRun:
         return mean, time.perf_counter() - t0
 
     def log_step(self, done: int, loss: float, seconds: float, skipped: bool) -> None:
+        """train_log.jsonl, TensorBoard and the progress bar (rank 0)."""
         if self.rank != 0:
             return
         t = self.exp.train
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None and math.isfinite(norm) else None
         lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else t.lr
-        finite = math.isfinite(loss)
-        tokens_per_s = t.batch_size * self.data.block_size / seconds
-        with open(self.log_path, "a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "step": done,
-                        "loss": loss if finite else None,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "step_time": seconds,
-                        **({"skipped": True} if skipped else {}),
-                    }
-                )
-                + "\n"
-            )
+        record = {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr,
+                  "grad_norm": grad_norm, "step_time": seconds}  # fmt: skip
         if skipped:
-            self.monitor.text(
-                f"step {done}: skipped (loss {loss}, gradient not finite); {self.skips.total} skipped so far"
-            )
+            record["skipped"] = True
+            self.monitor.text(f"step {done}: skipped (loss {loss}, gradient not finite); "
+                              f"{self.skips.total} skipped so far")  # fmt: skip
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        tokens_per_s = t.batch_size * self.data.block_size / seconds
         if done % t.log_every == 0 or done == self.total_steps or skipped:
-            train = (
-                {}
-                if skipped
-                else {
-                    "train/loss": loss,
-                    "train/grad_norm": grad_norm,
-                    "train/perplexity": math.exp(min(loss, 50)),
-                }
-            )
-            self.monitor.scalars(
-                done,
-                {
-                    **train,
-                    "train/lr": lr,
-                    "train/skipped_steps": float(self.skips.total),
-                    "train/samples": float(done * t.batch_size),
-                    "perf/tokens_per_s": tokens_per_s,
-                    "perf/step_time_s": seconds,
-                    **memory_scalars(),
-                },
-            )
+            scalars = {"train/lr": lr, "train/skipped_steps": float(self.skips.total),
+                       "train/samples": float(done * t.batch_size), "perf/tokens_per_s": tokens_per_s,
+                       "perf/step_time_s": seconds, **memory_scalars()}  # fmt: skip
+            if not skipped:
+                scalars.update({"train/loss": loss, "train/grad_norm": grad_norm,
+                                "train/perplexity": math.exp(min(loss, 50))})  # fmt: skip
+            self.monitor.scalars(done, scalars)
         self.monitor.progress(done, loss, tokens_per_s)
 
     def run_eval(self, done: int) -> None:
