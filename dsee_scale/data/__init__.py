@@ -20,10 +20,14 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError, UserError
+
+if TYPE_CHECKING:  # experiment.py holds the config sections; it does not import data/
+    from ..experiment import DataConfig
 
 TEXT_EXT = {".txt", ".py", ".md", ".text"}
 JSON_EXT = {".json", ".jsonl"}
@@ -163,26 +167,19 @@ class Corpus:
         return f"{self.train.shape[0]} train blocks, {ev} eval blocks of {self.train.shape[1]} tokens"
 
 
-def build_corpus(data_cfg, tokenizer) -> Corpus:
+def build_corpus(data_cfg: DataConfig, tokenizer: Any) -> Corpus:
     """Train / eval blocks for an experiment's `data:` section."""
     from ..assets import split_of, stdlib_files
 
-    if data_cfg.hub_dataset:
-        train = _blocks_from_docs(
-            hub_documents(data_cfg.hub_dataset, data_cfg.hub_train_split, data_cfg.text_field),
-            tokenizer,
-            data_cfg.block_size,
-            "train",
-        )
-        ev = None
-        if data_cfg.hub_eval_split:
-            ev = _blocks_from_docs(
-                hub_documents(data_cfg.hub_dataset, data_cfg.hub_eval_split, data_cfg.text_field),
-                tokenizer,
-                data_cfg.block_size,
-                "eval",
-            )
-        return _limit(Corpus(train, ev), data_cfg)
+    hub = data_cfg.hub_dataset
+    if hub:
+
+        def hub_blocks(split: str, label: str) -> torch.Tensor:
+            docs = hub_documents(hub, split, data_cfg.text_field)
+            return _blocks_from_docs(docs, tokenizer, data_cfg.block_size, label)
+
+        ev = hub_blocks(data_cfg.hub_eval_split, "eval") if data_cfg.hub_eval_split else None
+        return _limit(Corpus(hub_blocks(data_cfg.hub_train_split, "train"), ev), data_cfg)
     if data_cfg.source == "python_stdlib":
         files = stdlib_files()
         train_files = [f for f in files if split_of(f, data_cfg.heldout_percent) == "train"]
@@ -203,7 +200,7 @@ def build_corpus(data_cfg, tokenizer) -> Corpus:
     return _limit(Corpus(train, ev), data_cfg)
 
 
-def _limit(c: Corpus, data_cfg) -> Corpus:
+def _limit(c: Corpus, data_cfg: DataConfig) -> Corpus:
     if data_cfg.max_train_blocks:
         c.train = c.train[: data_cfg.max_train_blocks]
     if c.eval is not None and data_cfg.max_eval_blocks:

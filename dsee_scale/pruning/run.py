@@ -24,7 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -41,6 +41,22 @@ from ..zero import comm
 from . import unstructured as U
 from .scores import block_channel_scores, block_head_scores, make_plan
 from .structured import Plan, plan_sizes, prune_block, pruned_config
+
+
+class BlockStats(TypedDict):
+    """Per projection of one block (names relative to it): sums over the calibration tokens of
+    its input's squares (Wanda's norms) and absolute values (activation scores)."""
+
+    sq: dict[str, torch.Tensor]
+    abs: dict[str, torch.Tensor]
+
+
+class CalibrationStats(TypedDict):
+    tokens: int
+    blocks: dict[int, BlockStats]
+
+
+Masks = dict[int, dict[str, torch.Tensor]]  # block -> projection (relative name) -> keep-mask
 
 
 def prune_and_retune(exp: ExperimentConfig, from_dir: str | None, resume: bool = False) -> dict:
@@ -110,7 +126,7 @@ def digest(obj) -> str:
 
 
 @torch.no_grad()
-def layerwise_statistics(cm: CheckpointModel, batches: list[torch.Tensor]) -> dict:
+def layerwise_statistics(cm: CheckpointModel, batches: list[torch.Tensor]) -> CalibrationStats:
     """Per block and projection: sum of x^2 and of |x| over the calibration tokens of its input
     (Wanda norms, activation scores). The batches go through the tuned model one block at a
     time, each block rebuilt from the checkpoint, so no rank ever holds the whole model."""
@@ -123,7 +139,7 @@ def layerwise_statistics(cm: CheckpointModel, batches: list[torch.Tensor]) -> di
     rotary = None
     if arch.rotary_emb is not None:
         rotary = type(cm.skeleton.get_submodule(arch.rotary_emb))(config=cm.config)
-    stats: dict[str, Any] = {"tokens": sum(ids.numel() for ids in batches), "blocks": {}}
+    stats: CalibrationStats = {"tokens": sum(ids.numel() for ids in batches), "blocks": {}}
     for i in range(cm.dims.layers):
         b = cm.block(i).eval()
         sq: dict = {}
@@ -152,13 +168,16 @@ def layerwise_statistics(cm: CheckpointModel, batches: list[torch.Tensor]) -> di
     return stats
 
 
-def calibration(exp, cm: CheckpointModel, pc: PruneConfig) -> dict | None:
+def calibration(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> CalibrationStats | None:
     """Layer-wise statistics when a score needs them (activation, wanda), else None."""
     needs = (pc.kind == "structured" and "activation" in (pc.head_score, pc.channel_score)) or (
         pc.kind == "unstructured" and pc.score == "wanda"
     )
     if not needs:
         return None
+    if exp.data is None:
+        raise ConfigError(f"data: {pc.kind} pruning with these scores needs calibration batches from "
+                          "the experiment's data section")  # fmt: skip
     from ..data import ByteTokenizer, build_corpus, micro_batch
 
     tok = load_tokenizer(cm.model_cfg) or ByteTokenizer()
@@ -171,13 +190,13 @@ def calibration(exp, cm: CheckpointModel, pc: PruneConfig) -> dict | None:
     return layerwise_statistics(cm, batches)
 
 
-def _activation(stats: dict | None, i: int, name: str) -> torch.Tensor:
+def _activation(stats: CalibrationStats | None, i: int, name: str) -> torch.Tensor:
     if stats is None:
         raise ValueError("activation scores need calibration statistics")
     return stats["blocks"][i]["abs"][name] / stats["tokens"]
 
 
-def structured_plan(cm: CheckpointModel, pc: PruneConfig, stats: dict | None = None) -> Plan:
+def structured_plan(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStats | None = None) -> Plan:
     arch, dims = cm.arch, cm.dims
     hs, cs = [], []
     for i in range(dims.layers):
@@ -204,9 +223,7 @@ def structured_plan(cm: CheckpointModel, pc: PruneConfig, stats: dict | None = N
     )
 
 
-def unstructured_masks(
-    cm: CheckpointModel, pc: PruneConfig, stats: dict | None = None
-) -> dict[int, dict[str, torch.Tensor]]:
+def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStats | None = None) -> Masks:
     """Keep-masks per block (names relative to the block)."""
     per_block = {}
     for i in range(cm.dims.layers):
@@ -225,7 +242,9 @@ def unstructured_masks(
     return out
 
 
-def pruned_block(cm: CheckpointModel, i: int, pc: PruneConfig, plan: Plan | None, keep) -> torch.nn.Module:
+def pruned_block(
+    cm: CheckpointModel, i: int, pc: PruneConfig, plan: Plan | None, keep: Masks | None
+) -> torch.nn.Module:
     b = cm.block(i)
     if plan is not None:
         prune_block(b, cm.arch, plan.layers[i], cm.dims)
@@ -239,12 +258,12 @@ class Decision:
     """What pruning removes: a structured plan or unstructured keep-masks, and the new config."""
 
     plan: Plan | None
-    keep: dict[int, dict[str, torch.Tensor]] | None
+    keep: Masks | None
     config: Any
     summary: dict  # JSON-able: plan or mask digests, weight sparsity
 
 
-def decide(cm: CheckpointModel, pc: PruneConfig, stats: dict | None) -> Decision:
+def decide(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStats | None) -> Decision:
     if pc.kind == "unstructured":
         keep = unstructured_masks(cm, pc, stats)
         masks = [m for block in keep.values() for m in block.values()]
@@ -301,7 +320,15 @@ def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
     return pruned, build, summary
 
 
-def build_pruned(cm: CheckpointModel, pc: PruneConfig, plan, keep, exp, ds, rank: int):
+def build_pruned(
+    cm: CheckpointModel,
+    pc: PruneConfig,
+    plan: Plan | None,
+    keep: Masks | None,
+    exp: ExperimentConfig,
+    ds: dict,
+    rank: int,
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The pruned DSEE model, partitioned under ZeRO-3, with the kept weights copied in."""
     from ..training.engine import build_model
     from ..zero import copy_full_into

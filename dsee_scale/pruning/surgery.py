@@ -87,25 +87,30 @@ def _delta_keep(
     return nd.to(device=A.device, dtype=A.dtype)
 
 
-def keep_outputs(layer: nn.Module, rows) -> nn.Module:
-    """Keep output rows `rows` (global row numbers; for a fused q/k/v layer, rows of all three)."""
+def _keep(layer: nn.Module, rows=None, cols=None) -> nn.Module:
+    """The layer with only the given output rows / input columns (None: all), as a new module."""
     base = unwrap(layer)
-    rows_t = _index(rows, base.weight.device)
-    new_base = _plain_keep(base, rows_t, None)
+    device = weight_of(base).device
+    rows_t = None if rows is None else _index(rows, device)
+    cols_t = None if cols is None else _index(cols, device)
+    new_base = _plain_keep(base, rows_t, cols_t)
     if not isinstance(layer, DSEELayer):
         return new_base
     deltas = {}
     for name, d in layer.updates():
-        lo, hi = slice_bounds(base, name)
-        local = rows_t[(rows_t >= lo) & (rows_t < hi)] - lo
-        deltas[name] = _delta_keep(d, local, None)
+        local = None  # the kept rows inside this update's slice, numbered from its start
+        if rows_t is not None:
+            lo, hi = slice_bounds(base, name)
+            local = rows_t[(rows_t >= lo) & (rows_t < hi)] - lo
+        deltas[name] = _delta_keep(d, local, cols_t)
     return DSEELayer(new_base, deltas)
 
 
+def keep_outputs(layer: nn.Module, rows) -> nn.Module:
+    """Keep output rows `rows` (global row numbers; for a fused q/k/v layer, rows of all three)."""
+    return _keep(layer, rows=rows)
+
+
 def keep_inputs(layer: nn.Module, cols) -> nn.Module:
-    base = unwrap(layer)
-    cols_t = _index(cols, base.weight.device)
-    new_base = _plain_keep(base, None, cols_t)
-    if not isinstance(layer, DSEELayer):
-        return new_base
-    return DSEELayer(new_base, {n: _delta_keep(d, None, cols_t) for n, d in layer.updates()})
+    """Keep input columns `cols`."""
+    return _keep(layer, cols=cols)
