@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from dsee_scale import zero
 from dsee_scale.zero import comm
@@ -49,6 +49,10 @@ class OnAccelerator(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        # as on a GPU: CPU tensors (other than 0-dim scalars) do not mix with device tensors
+        mixed = [t for t in tree_flatten((args, kwargs))[0] if type(t) is torch.Tensor and t.dim() > 0]
+        if mixed:
+            raise RuntimeError(f"{func}: expected all tensors on {ACCEL}, got CPU tensor(s) {mixed[0].shape}")
         leaving = kwargs.get("device") == CPU
         args, kwargs = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
         kwargs = {k: (CPU if k == "device" else v) for k, v in kwargs.items()}
@@ -180,3 +184,14 @@ def test_the_accelerator_chooses_the_engine_settings():
     # offloaded optimizer: DeepSpeedCPUAdam on either accelerator
     assert off_gpu["optimizer"]["params"]["torch_adam"] is False
     assert off_cpu["optimizer"]["params"]["torch_adam"] is False
+
+
+@pytest.mark.parametrize("method", ["grebsmo", "svd", "magnitude", "random"])
+def test_supports_are_chosen_on_the_accelerator(accelerator, method):
+    """Under ZeRO-3 a rank selects supports on the gathered weight where it lives (the GPU)."""
+    from dsee_scale.adapters.support import select_supports
+
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
+    on_cpu = select_supports({"w": w}, 10, method, {"w": 3}, grebsmo_rounds=3)["w"]
+    on_device = select_supports({"w": w.to(ACCEL)}, 10, method, {"w": 3}, grebsmo_rounds=3)["w"]
+    assert torch.equal(on_device.cpu(), on_cpu)

@@ -59,7 +59,7 @@ def grebsmo_sparse(
     Runs in float32 (float64 if W is float64, as the tests' oracle comparison does)."""
     W = W.double() if W.dtype == torch.float64 else W.float()
     b, m, n = W.shape
-    V = torch.stack([initial_v(n, s) for s in seeds]).to(W.dtype)  # (b, 1, n)
+    V = torch.stack([initial_v(n, s) for s in seeds]).to(W.device, W.dtype)  # (b, 1, n), seeded on CPU
     max_rank = max(1, int(rank_fraction * min(m, n)))
     S = torch.zeros_like(W)
     for t in range(rounds):
