@@ -73,15 +73,9 @@ def _export(args) -> None:
 
     t0 = time.perf_counter()
     s = export_checkpoint(
-        args.checkpoint_dir,
-        args.out_dir,
-        args.tag,
-        args.mode,
-        args.dtype,
-        args.max_shard_size,
-        args.force,
-        progress,
-    )
+        args.checkpoint_dir, args.out_dir, args.tag, args.mode, args.dtype, args.max_shard_size,
+        args.force, progress, fmt=args.format, gguf_types=args.gguf_type,
+    )  # fmt: skip
     bar.close()
     note = ""
     if s.get("update_rounded_to_written_dtype"):
@@ -162,6 +156,17 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-shard-size", default="2GB", help="e.g. 500MB, 2GB (10^9), 2GiB (2^30)")
     p.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
+    p.add_argument(
+        "--format",
+        default="safetensors",
+        choices=["safetensors", "gguf"],
+        help="safetensors: a Hugging Face directory; gguf: llama.cpp files (LLaMA family)",
+    )
+    p.add_argument(
+        "--gguf-type",
+        default="f16",
+        help="with --format gguf: f16, q8_0, bf16, f32, or a comma-separated list (one file each)",
+    )
     p.set_defaults(func=_export)
     p = sub.add_parser("inspect", help=DESCRIPTIONS["inspect"], description=DESCRIPTIONS["inspect"])
     p.add_argument("--config", required=True, help="experiment YAML")

@@ -155,3 +155,59 @@ def losses(output_dir: Path) -> dict[int, float]:
 
 # the references live in the package, so the device check can use them too
 from dsee_scale.reference import deepspeed_params, plain_reference, rebuilt  # noqa: E402,F401
+
+
+def save_model_with_tokenizer(root: Path, vocab_size: int = 640, **kw) -> Path:
+    """A tiny random LLaMA with a real SentencePiece tokenizer (trained here on a few standard
+    library files): what a GGUF export needs, since the format carries the tokenizer."""
+    import sysconfig
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    d = root / "llama-sp"
+    d.mkdir(parents=True, exist_ok=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = root / "sp-corpus.txt"
+    corpus.write_text("\n".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:30]))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=0.995, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        minloglevel=2,
+    )  # fmt: skip
+    (d / "tokenizer.vocab").unlink()
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    }))  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(d)
+    tiny_llama(
+        vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=None, **kw
+    ).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+# Loads an export in a process where dsee_scale cannot be imported (as a colleague or a serving
+# stack without our package would), with trust_remote_code, and saves the logits of some ids.
+_FOREIGN_LOAD = """
+import sys
+sys.modules["dsee_scale"] = None  # any `import dsee_scale` now fails
+import torch
+from transformers import AutoModelForCausalLM
+model_dir, ids_file, out_file = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save({"logits": model(torch.load(ids_file)).logits, "class": type(model).__name__}, out_file)
+"""
+
+
+def logits_without_dsee_scale(model_dir: Path, ids: torch.Tensor, work: Path) -> tuple[torch.Tensor, str]:
+    """(logits, model class name) of an export loaded with only transformers installed."""
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(ids, work / "ids.pt")
+    env = dict(os.environ, HF_MODULES_CACHE=str(work / "hf_modules"))
+    cmd = [sys.executable, "-c", _FOREIGN_LOAD, str(model_dir), str(work / "ids.pt"), str(work / "out.pt")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = torch.load(work / "out.pt")
+    return out["logits"], out["class"]

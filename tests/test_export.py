@@ -1,5 +1,6 @@
 """Export of ZeRO-3 checkpoints: against DeepSpeed's consolidation and plain transformers."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -77,6 +78,9 @@ def test_merged_export_loads_in_plain_transformers(runs, kind, run, tmp_path):
     assert sum(f.endswith(".safetensors") for f in files) > 1  # sharded
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert not any("dsee" in k or "base_layer" in k for k in model.state_dict())
+    # the config names its class, as transformers' own save_pretrained does
+    assert model.config.architectures == [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[kind]]
+    assert "auto_map" not in json.loads((out / "config.json").read_text())  # a standard type: no code
     with torch.no_grad():
         got = model(IDS).logits
     want = framework_logits(runs[f"{kind}-model"], runs[run])

@@ -12,7 +12,16 @@ from dsee_scale.experiment import load_experiment
 from dsee_scale.export import export_checkpoint
 from dsee_scale.pruning import LayerPlan, Plan, mask_hooks
 
-from helpers import ROOT, check, launch, losses, rebuilt, save_tiny_model, write_config
+from helpers import (
+    ROOT,
+    check,
+    launch,
+    logits_without_dsee_scale,
+    losses,
+    rebuilt,
+    save_tiny_model,
+    write_config,
+)
 
 TARGETS = {"gpt2": ["c_attn:q", "c_attn:v", "mlp.c_fc"], "llama": ["q_proj", "v_proj", "up_proj"]}
 
@@ -156,9 +165,14 @@ def test_gradual_schedule_by_pruning_a_pruned_run_again(tuned):
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(ids).logits, rebuilt(root / "g2" / "checkpoints")(ids).logits, rtol=1e-4, atol=1e-4
-        )
+        want = rebuilt(root / "g2" / "checkpoints")(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-4, atol=1e-4)
+    # a head-pruned GPT-2 needs our class: the export carries it, so transformers alone loads it
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "dsee_gpt2" and config["architectures"] == ["DSEEGPT2LMHeadModel"]
+    logits, model_class = logits_without_dsee_scale(out, ids, root / "g2-foreign")
+    assert model_class == "DSEEGPT2LMHeadModel"
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -125,3 +125,30 @@ def test_activation_scores_come_from_calibration_batches():
     acts = collect_activations(model, [IDS, IDS[:1]])
     hs, cs = head_scores(model, "activation", acts), channel_scores(model, "activation", acts)
     assert hs.shape == (2, 4) and cs.shape == (2, 64) and bool((hs > 0).all())
+
+
+@pytest.mark.parametrize(
+    "build,heads,channels,model_type,architecture",
+    [
+        (tiny_gpt2, 4, 96, "gpt2", "GPT2LMHeadModel"),  # channels only: GPT-2 computes the head size
+        (tiny_gpt2, 3, 128, "dsee_gpt2", "DSEEGPT2LMHeadModel"),  # 3 heads of 8 in 32: our class
+        (lambda: tiny_llama(num_key_value_heads=2), 2, 64, "llama", "LlamaForCausalLM"),  # explicit head_dim
+        (lambda: tiny_llama(num_key_value_heads=3, num_attention_heads=6, hidden_size=48), 3, 64, "llama",
+         "LlamaForCausalLM"),
+        (lambda: tiny_llama(num_key_value_heads=4), 3, 64, "dsee_llama", "DSEELlamaForCausalLM"),  # 32 % 3
+    ],
+)  # fmt: skip
+def test_the_pruned_config_is_standard_wherever_transformers_can_express_it(
+    build, heads, channels, model_type, architecture
+):
+    from dsee_scale.archs import arch_of
+    from dsee_scale.pruning.structured import pruned_config
+
+    config = build().config
+    dims = arch_of(config).dims(config)
+    kv = heads if dims.kv_heads == dims.heads else dims.kv_heads
+    new = pruned_config(config, heads, kv, dims.head_dim, channels)
+    assert (new.model_type, new.architectures) == (model_type, [architecture])
+    fresh = AutoModelForCausalLM.from_config(new)  # and the class builds those shapes
+    assert arch_of(new).dims(new)[:4] == (heads, kv, dims.head_dim, channels)
+    assert sum(p.numel() for p in fresh.parameters()) < sum(p.numel() for p in build().parameters())

@@ -25,13 +25,14 @@ import torch
 
 from ..adapters.config import DSEEConfig
 from ..adapters.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..adapters.layer import BASE, delta_name, is_dsee_name
-from ..archs import BY_MODEL_TYPE
+from ..adapters.layer import BASE, MARKER, delta_name, is_dsee_name
+from ..archs import BY_MODEL_TYPE, FULL
 from ..checkpoint import ZeroCheckpoint
 from ..checkpoint.format import LayerLayout
 from ..config import from_dict
 from ..errors import UserError
 from ..models import ModelConfig, load_config
+from . import gguf
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -49,6 +50,10 @@ class ExportSummary(TypedDict, total=False):
     tokenizer: bool
     block_weight_zero_fraction: float  # the real sparsity of what was written
     tied_embeddings: bool
+    architectures: list[str]  # as config.json names them (what serving stacks and llama.cpp read)
+    self_contained: bool  # a pruned shape that carries its modeling code (trust_remote_code)
+    gguf_files: list[str]
+    format: str
     checkpoint: str
     tag: str
     mode: str
@@ -134,6 +139,27 @@ def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: LayerLayout, ti
             yield name, ck.tensor(name), ck.dtype_of(name)
 
 
+def name_architecture(cfg, out: Path) -> bool:
+    """Name the model class in the config, as transformers' save_pretrained does (serving
+    stacks and llama.cpp's converter pick the class from it). A pruned shape that needs our
+    class (dsee_gpt2 / dsee_llama) carries it: modeling_dsee.py and an auto_map, so
+    `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` needs only transformers.
+    Returns whether the export carries code."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from ..pruning import pruned_models
+
+    model_class: type = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]  # type: ignore[assignment]
+    cfg.architectures = [model_class.__name__]
+    if type(cfg).__module__ != pruned_models.__name__:
+        return False
+    module = pruned_models.REMOTE_MODULE
+    shutil.copyfile(pruned_models.__file__, out / f"{module}.py")
+    cfg.auto_map = {"AutoConfig": f"{module}.{type(cfg).__name__}",
+                    "AutoModelForCausalLM": f"{module}.{model_class.__name__}"}  # fmt: skip
+    return True
+
+
 def _prepare_out(out: Path, force: bool) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"output directory {str(out)!r} is not empty; pass --force to replace it")
@@ -161,10 +187,19 @@ def export_checkpoint(
     max_shard_size: str = "2GB",
     force: bool = False,
     progress=None,
+    *,
+    fmt: str = "safetensors",
+    gguf_types: str = "f16",
 ) -> ExportSummary:
-    """Export; returns a summary (files, bytes, dtypes)."""
+    """Export; returns a summary (files, bytes, dtypes). fmt="gguf" (merged, LLaMA family)
+    converts the merged model to one GGUF file per type in gguf_types (gguf.py)."""
     if mode not in ("merged", "adapter"):
         raise UserError(f"--mode: got {mode!r}, allowed: merged, adapter")
+    if fmt not in ("safetensors", "gguf"):
+        raise UserError(f"--format: got {fmt!r}, allowed: safetensors, gguf")
+    if fmt == "gguf" and mode != "merged":
+        raise UserError("--format gguf: only a merged model converts to GGUF (not --mode adapter)")
+    types = gguf.parse_types(gguf_types) if fmt == "gguf" else []
     if dtype not in ("auto", *DTYPES):
         raise UserError(f"--dtype: got {dtype!r}, allowed: auto, {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
@@ -176,9 +211,18 @@ def export_checkpoint(
     try:
         if mode == "adapter":
             summary = _write_adapter(ck, exp, dsee, tmp, dtype)
+        elif fmt == "gguf":  # the merged model in a scratch directory, converted beside it
+            hf = tmp / ".merged"
+            hf.mkdir()
+            summary = _write_merged(ck, exp, dsee, hf, dtype, max_bytes, progress)
+            summary["gguf_files"] = gguf.convert(hf, tmp, types, tmp)
+            shutil.rmtree(hf)
+            summary["files"] = sorted(p.name for p in tmp.iterdir())
+            summary["bytes"] = sum((tmp / f).stat().st_size for f in summary["gguf_files"])
         else:
             summary = _write_merged(ck, exp, dsee, tmp, dtype, max_bytes, progress)
-        summary.update({"checkpoint": str(ck.dir), "tag": ck.tag, "mode": mode, "world_size": ck.world})
+        summary.update({"checkpoint": str(ck.dir), "tag": ck.tag, "mode": mode, "world_size": ck.world,
+                        "format": fmt})  # fmt: skip
         (tmp / "dsee_export.json").write_text(json.dumps(summary, indent=2))
         _commit(tmp, out)
     finally:
@@ -200,12 +244,13 @@ def _write_adapter(ck: ZeroCheckpoint, exp: dict, dsee: DSEEConfig, tmp: Path, d
     if not state:
         raise UserError(f"{str(ck.dir)!r} holds no DSEE parameters")
     save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "dsee_scale": "adapter"})
-    targets = sorted(
-        {
-            re.sub(r"\.dsee\.(\w+)\.\w+$", lambda m: "" if m.group(1) == "full" else f":{m.group(1)}", n)
-            for n in state
-        }
-    )
+
+    def target_of(name: str) -> str:  # "<layer>.dsee.q.lora_A" -> "<layer>:q"
+        layer, _, rest = name.partition(MARKER)
+        slice_name = rest.split(".")[0]
+        return layer if slice_name == FULL else f"{layer}:{slice_name}"
+
+    targets = sorted({target_of(n) for n in state})
     model_type = (exp.get("model", {}).get("config") or {}).get("model_type")
     (tmp / ADAPTER_CONFIG).write_text(
         json.dumps({"dsee": exp["dsee"], "targets": targets, "model_type": model_type}, indent=2)
@@ -246,6 +291,7 @@ def _write_merged(
             progress(i + 1, total)
     writer.finish()
     cfg.dtype = out_dtype
+    self_contained = name_architecture(cfg, tmp)
     cfg.save_pretrained(tmp)
     try:
         GenerationConfig.from_model_config(cfg).save_pretrained(tmp)
@@ -266,4 +312,6 @@ def _write_merged(
         # the real sparsity of what was written: merging refills pruned zeros on updated rows
         "block_weight_zero_fraction": zeros / block_numel if block_numel else 0.0,
         "tied_embeddings": tied,
+        "architectures": list(cfg.architectures),
+        "self_contained": self_contained,
     }

@@ -9,6 +9,11 @@ attention width n_head x head_dim (c_attn: n_embd -> 3 x width, c_proj: width ->
 that although its attention reads head_dim from the config); only used where needed.
 `import dsee_scale` registers both with AutoConfig / AutoModelForCausalLM, so a pruned export
 loads with `AutoModelForCausalLM.from_pretrained(dir)`.
+
+This file is also the remote code a pruned export carries (copied as modeling_dsee.py, with an
+auto_map in config.json), so that `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)` loads it where dsee_scale is not installed: it imports nothing but
+torch, transformers and huggingface_hub (tests/test_export.py checks it).
 """
 
 from __future__ import annotations
@@ -94,6 +99,8 @@ class DSEELlamaConfig(LlamaConfig):
 class DSEELlamaForCausalLM(LlamaForCausalLM):
     config_class = DSEELlamaConfig
 
+
+REMOTE_MODULE = "modeling_dsee"  # an export carries this file as modeling_dsee.py
 
 # arch name -> (config class, model class name) of the pruned shapes transformers refuses
 CUSTOM_CLASSES = {
