@@ -14,7 +14,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 DS_VERSION=${DS_VERSION:-0.19.8}
 
-echo "== [1/4] system library for DeepSpeed async I/O (NVMe offload): libaio-dev"
+echo "== [1/5] system library for DeepSpeed async I/O (NVMe offload): libaio-dev"
 if ! [ -e /usr/include/libaio.h ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get install -y -q libaio-dev >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libaio-dev >/dev/null; } \
@@ -24,14 +24,14 @@ if ! [ -e /usr/include/libaio.h ]; then
   fi
 fi
 
-echo "== [2/4] $TORCH_SPEC"
+echo "== [2/5] $TORCH_SPEC"
 if [ -n "${TORCH_INDEX:-}" ]; then
   $PY -m pip install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX"
 else
   $PY -m pip install -q "$TORCH_SPEC"
 fi
 
-echo "== [3/4] DeepSpeed $DS_VERSION with its C++ ops built once (cpu_adam, async_io; shm comm on CPU, fused_adam on CUDA), for $DS_ACCELERATOR"
+echo "== [3/5] DeepSpeed $DS_VERSION with its C++ ops built once (cpu_adam, async_io; shm comm on CPU, fused_adam on CUDA), for $DS_ACCELERATOR"
 ops_ok() {
   $PY - 2>/dev/null <<PY
 import sys
@@ -55,6 +55,8 @@ else
   ops_ok || { echo "DeepSpeed ops failed to build"; exit 1; }
 fi
 
-echo "== [4/4] dsee-scale and its dependencies (editable)"
+echo "== [4/5] dsee-scale and its dependencies (editable)"
 $PY -m pip install -q -e ".[baselines,gguf,bench,dev]"
+echo "== [5/5] llama.cpp's GGUF converter (from the llama-cpp-python source package, once; for --format gguf)"
+$PY -c "from dsee_scale.assets import llama_cpp_converter as c; print('  ', c())" 2>&1 | { grep -v WARNING || true; }
 $PY -c "import dsee_scale, deepspeed, torch; print('ok: dsee_scale', dsee_scale.__version__, '| deepspeed', deepspeed.__version__, '| torch', torch.__version__)"
