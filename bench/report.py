@@ -384,6 +384,38 @@ class Report:
         if not any(n.startswith("gpu_zero3_") and "cpu" not in n for n in self.data):
             self.add("\nGPU: no GPU result yet (`python bench/run_all.py --gpu` on a GPU machine).")
 
+    def deployment(self) -> None:
+        """The pruned model where people run it (bench/gguf_speed.py) and the device check."""
+        self.add("## The pruned model in llama.cpp (GGUF, CPU, 2 threads)")
+        g = self.data.get("gguf_speed")
+        if not g:
+            self.add("Not run (`python bench/gguf_speed.py`).")
+        else:
+            self.add(f"Dense: SmolLM2-135M tuned {g['tune_steps']} steps with DSEE; pruned: "
+                     f"{g['pruned_sizes']}, re-tuned {g['retune_steps']} steps. Perplexity: "
+                     f"llama-perplexity on the held-out standard-library modules.\n")  # fmt: skip
+            rows = []
+            for k, r in g["rows"].items():
+                ppl = f"{r['perplexity']:.3f} ± {r['plus_minus']:.3f}"
+                rows.append([k, r["file_mb"], ppl, r["prompt_tokens_per_s"], r["generation_tokens_per_s"]])
+            header = ["model / type", "file MB", "perplexity", "prompt tokens/s", "generation tokens/s"]
+            self.add(table(header, rows))
+            ratios = [[t, r["prompt_speedup"], r["generation_speedup"], r["perplexity_ratio"]]
+                      for t, r in g["pruned_over_dense"].items()]  # fmt: skip
+            self.add("\n" + table(["type", "pruned / dense prompt speed", "generation speed", "perplexity"],
+                                   ratios))  # fmt: skip
+            self.add("\n" + provenance(g))
+        for name, d in self.data.items():
+            if name.startswith("device_check_") and not d.get("dry_run"):
+                status = "passed" if d["failed_step"] is None else f"failed at {d['failed_step']}"
+                self.add(f"\n### Device check on {d['device']}: {status}\n")
+                self.add(
+                    table(
+                        ["step", "ok", "seconds"], [[k, v["ok"], v["seconds"]] for k, v in d["steps"].items()]
+                    )
+                )
+                self.add("\n" + provenance(d))
+
     def aims(self) -> None:
         """The issue's targets, met or missed, computed from the results."""
         lines = []
@@ -439,6 +471,7 @@ class Report:
         self.quality()
         self.pruning()
         self.speed()
+        self.deployment()
         self.out.write_text("\n".join(head + self.parts) + "\n")
         print(f"wrote {self.out} and {len(list(self.plots.glob('*.png')))} plots in {self.plots}")
         return self.out

@@ -60,6 +60,7 @@ BENCHES = {
     ),
     "export_speed": ([], ["--config", "configs/gpt2-medium-random.yaml"], 5),
     "zero3_scale": ([], None, 4),
+    "gguf_speed": ([], None, 20),
 }
 
 
