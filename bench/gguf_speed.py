@@ -5,7 +5,8 @@ generation apart), all in one run.
     python bench/gguf_speed.py [--tune-steps 30] [--retune-steps 30] [--chunks 48]
 
 1. llama.cpp is built here from the llama-cpp-python source package (the same llama.cpp whose
-   converter `dsee-scale export --format gguf` uses; cached, about 6 minutes on 2 cores).
+   converter `dsee-scale export --format gguf` uses; cached, about 7 minutes on 2 cores), for
+   x86-64 with AVX-512 and without AMX (see SIMD).
 2. SmolLM2-135M is tuned with DSEE (configs/smollm2-python-code.yaml, q,v, r=8, N=64) and pruned
    structurally (one q head per kv group: 9 -> 6 heads; 384 of 1536 MLP channels), then re-tuned.
 3. Both are exported by `dsee-scale export --format gguf --gguf-type f16,q8_0`.
@@ -36,6 +37,11 @@ from common import write_result
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2-python-code.yaml"
 TOOLS = ("llama-bench", "llama-perplexity")
+# x86-64 SIMD up to AVX-512, without AMX: a native build on this machine's Xeon (AMX present)
+# segfaulted in every q8_0 run (llama-bench and llama-perplexity; f16 ran), so AMX stays off
+SIMD = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+        "-DGGML_BMI2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON",
+        "-DGGML_AVX512_BF16=ON", "-DGGML_AVX_VNNI=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF"]  # fmt: skip
 
 
 def build_llama_cpp() -> Path:
@@ -48,12 +54,7 @@ def build_llama_cpp() -> Path:
                 members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
                 tar.extractall(tmp, members=members, filter="data")
             src = next(Path(tmp).glob("*/vendor/llama.cpp"))
-            flags = [
-                "-DGGML_NATIVE=ON",
-                "-DLLAMA_CURL=OFF",
-                "-DBUILD_SHARED_LIBS=OFF",
-                "-DCMAKE_BUILD_TYPE=Release",
-            ]
+            flags = ["-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DCMAKE_BUILD_TYPE=Release", *SIMD]
             run(["cmake", "-S", str(src), "-B", str(src / "build"), *flags])
             run(["cmake", "--build", str(src / "build"), "-j", str(os.cpu_count()), "--target", *TOOLS])
             partial = target.with_name(target.name + ".partial")
@@ -62,7 +63,7 @@ def build_llama_cpp() -> Path:
                 shutil.copy(src / "build" / "bin" / tool, partial / tool)
             partial.rename(target)
 
-    return fetch_once(CACHE / f"llama.cpp-{LLAMA_CPP_PYTHON}-bin", build)
+    return fetch_once(CACHE / f"llama.cpp-{LLAMA_CPP_PYTHON}-bin-avx512", build)
 
 
 def run(cmd: list[str], **kw) -> str:
