@@ -41,7 +41,8 @@ TOOLS = ("llama-bench", "llama-perplexity")
 # segfaulted in every q8_0 run (llama-bench and llama-perplexity; f16 ran), so AMX stays off
 SIMD = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
         "-DGGML_BMI2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON",
-        "-DGGML_AVX512_BF16=ON", "-DGGML_AVX_VNNI=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF"]  # fmt: skip
+        "-DGGML_AVX512_BF16=ON", "-DGGML_AVX_VNNI=ON", "-DGGML_AMX_TILE=OFF",
+        "-DGGML_AMX_INT8=OFF"]  # fmt: skip
 
 
 def build_llama_cpp() -> Path:
