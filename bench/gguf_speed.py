@@ -8,7 +8,8 @@ generation apart), all in one run.
    converter `dsee-scale export --format gguf` uses; cached, about 7 minutes on 2 cores), for
    x86-64 with AVX-512 and without AMX (see SIMD).
 2. SmolLM2-135M is tuned with DSEE (configs/smollm2-python-code.yaml, q,v, r=8, N=64) and pruned
-   structurally (one q head per kv group: 9 -> 6 heads; 384 of 1536 MLP channels), then re-tuned.
+   structurally (one q head per kv group: 9 -> 6 heads; 384 of 1536 MLP channels; activation
+   scores from 4 calibration batches), then re-tuned.
 3. Both are exported by `dsee-scale export --format gguf --gguf-type f16,q8_0`.
 4. llama-perplexity on the held-out standard-library modules (the training run's eval split;
    contexts of 256 tokens, scored on their second half as llama.cpp does) and llama-bench
@@ -137,7 +138,9 @@ def main() -> None:
                 "train.batch_size=4", "train.micro_batch_size=4", "data.max_eval_blocks=16"]  # fmt: skip
 
     launcher("train.py", "--config", str(CONFIG), *steps(args.tune_steps, tuned))
-    prune = ["prune.heads_per_layer=1", "prune.channels_per_layer=384"]
+    # activation scores: DSEE's update scores and weight channel scores wreck this model (bench/REPORT.md)
+    prune = ["prune.heads_per_layer=1", "prune.channels_per_layer=384", "prune.head_score=activation",
+             "prune.channel_score=activation"]  # fmt: skip
     launcher("prune.py", "--config", str(CONFIG), "--from", str(tuned / "checkpoints"), *prune,
              *steps(args.retune_steps, pruned))  # fmt: skip
     text = heldout_text(work / "heldout.txt")
