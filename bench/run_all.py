@@ -1,6 +1,6 @@
 """Every benchmark in bench/, then the report: one command.
 
-    python bench/run_all.py            # full: about 1.5 hours on a 2-core CPU machine (below)
+    python bench/run_all.py            # full: about 1 h 50 min on a 2-core CPU machine (below)
     python bench/run_all.py --quick    # every benchmark, small settings: under 15 minutes
     python bench/run_all.py --gpu      # the GPU benchmark only (bench/gpu_zero3.py)
     python bench/run_all.py --only quality,pruning     # a subset (then the report)

@@ -59,11 +59,6 @@ class Arch:
     config_has_head_dim: bool  # the config carries head_dim (else it is hidden / heads)
     rotary_emb: str | None  # the rotary-embedding module (None: learned position embeddings)
 
-    @property
-    def fused_qkv(self) -> bool:
-        """q, k and v are slices of one projection (GPT-2's c_attn)."""
-        return self.q.partition(":")[0] == self.k.partition(":")[0]
-
     def dims(self, config: Any) -> Dims:
         c = config
         heads = getattr(c, self.heads_key)

@@ -75,6 +75,7 @@ def test_bench_bad_arguments_are_one_line_errors():
                 "pruning",
                 "export_speed",
                 "zero3_scale",
+                "gguf_speed",
             ]
         )
         + ")"

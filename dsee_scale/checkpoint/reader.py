@@ -171,9 +171,6 @@ class ZeroCheckpoint:
         """All tensor names (parameters and buffers) in the model's order, aliases left out."""
         return self.order
 
-    def is_trainable(self, name: str) -> bool:
-        return name in self.trainable_shapes
-
     def tensor(self, name: str) -> torch.Tensor:
         """The full tensor `name`, read now (frozen in its saved dtype, trainable in fp32)."""
         if name in self.shared:

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from .. import zero
 from ..errors import ConfigError
 from ..experiment import ExperimentConfig
-
-log = logging.getLogger("dsee_scale")
 
 
 def _fill(node: dict, key: str, value, yaml_key: str, source: str) -> None:
