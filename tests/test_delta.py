@@ -179,3 +179,21 @@ def test_on_device_half_precision_is_close_to_fp32(device, dtype):
     assert y16.dtype == dtype
     rel = (y16.float() - y32).norm() / y32.norm()
     assert rel < (2e-2 if dtype == torch.bfloat16 else 5e-3), rel
+
+
+def test_no_sparse_entries_is_plain_lora():
+    """N = 0 (dsee.num_sparse: 0, or a slice whose every S entry structured pruning removed):
+    the same code path computes B A x alone, forward and backward."""
+    from dsee_scale.adapters.delta import sparse_low_rank_update
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    A = torch.randn(2, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    values = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    index = torch.zeros(2, 0, dtype=torch.long)
+    y = sparse_low_rank_update(x, A, B, values, index, 1.5)
+    torch.testing.assert_close(y, 1.5 * x @ A.t() @ B.t())
+    y.sum().backward()
+    assert values.grad.shape == (0,) and x.grad is not None and A.grad.abs().sum() > 0
+    assert torch.autograd.gradcheck(lambda *t: sparse_low_rank_update(*t, index, 1.5), (x, A, B, values))

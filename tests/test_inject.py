@@ -135,3 +135,16 @@ def test_bad_targets_name_the_problem(cfg, match):
 def test_whole_and_slice_of_one_module_is_refused():
     with pytest.raises(ConfigError, match="whole and by slice"):
         inject(tiny_gpt2(), DSEEConfig(target_modules=["c_attn", "h.0.attn.c_attn:q"]))
+
+
+def test_num_sparse_zero_trains_low_rank_only(tiny_model):
+    kind, model = tiny_model
+    targets = inject(model, DSEEConfig(r=4, num_sparse=0, support="grebsmo"))
+    assert trainable_parameter_count(model) == expected_trainable_count(
+        model, targets, DSEEConfig(r=4, num_sparse=0)
+    )
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    assert all(g.numel() == 0 for n, g in grads.items() if n.endswith("sparse_values"))

@@ -152,6 +152,30 @@ def test_unstructured_masks_survive_retuning_checkpoints_and_resume(tuned):
     assert 0.3 < s["block_weight_zero_fraction"] < 0.5  # q, v, up rows are refilled by B A
 
 
+def test_a_requeued_retune_on_the_same_ranks_keeps_the_pruned_weights(tuned):
+    """What a requeue of prune.sbatch does: --resume on the same number of ranks. The pruned frozen
+    weights come back from the checkpoint (DeepSpeed restores frozen fragments on a same-size
+    load), so the run continues exactly as the uninterrupted one."""
+    cfg, ckpt, _ = tuned["llama"]
+    root = tuned["root"]
+    args = ("prune.kind=unstructured", "prune.ratio=0.5", "prune.scope=layer", "train.max_steps=4")
+    prune(cfg, ckpt, root / "requeue-full", 1, *args)
+    prune(cfg, ckpt, root / "requeue", 1, *args, "train.stop_at_step=2")
+    check(launch(ROOT / "launchers" / "prune.py", 1, "--resume", f"output_dir={root / 'requeue'}",
+                 "train.max_steps=4", config_path=cfg))  # fmt: skip
+    want, got = losses(root / "requeue-full"), losses(root / "requeue")
+    assert sorted(got) == [1, 2, 3, 4]
+    for s in (3, 4):
+        assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-6), (s, got, want)
+    a, b = (
+        ZeroCheckpoint(root / "requeue-full" / "checkpoints"),
+        ZeroCheckpoint(root / "requeue" / "checkpoints"),
+    )
+    assert a.tag == b.tag == "step_4"
+    for name in a.frozen_shapes:
+        assert torch.equal(a.tensor(name), b.tensor(name)), name
+
+
 def test_gradual_schedule_by_pruning_a_pruned_run_again(tuned):
     cfg, ckpt, model_path = tuned["gpt2"]
     root = tuned["root"]

@@ -48,7 +48,8 @@ class _SparseLowRankUpdate(torch.autograd.Function):
         dh = g @ (B * s)
         dA = dh.reshape(-1, dh.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         dB = s * (g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1]))
-        dvalues = s * (g_rows * x.index_select(-1, cols)).reshape(-1, values.numel()).sum(0)
+        per_token = g_rows * x.index_select(-1, cols)  # (..., N)
+        dvalues = s * per_token.flatten(0, -2).sum(0)  # (N,); N may be 0: then plain LoRA
         dx = None
         if ctx.needs_input_grad[0]:
             dx = (dh @ A).index_add_(-1, cols, g_rows * (values * s))

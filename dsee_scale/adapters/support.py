@@ -101,6 +101,8 @@ def select_supports(
     grebsmo (measured on 2 cores: batching 576 x 576 matrices is slower than one by one)."""
     if method not in METHODS:
         raise ValueError(f"unknown support method {method!r}; allowed: {', '.join(METHODS)}")
+    if n == 0:  # no sparse part (plain LoRA through the same code): nothing to choose
+        return {name: torch.zeros(2, 0, dtype=torch.long) for name in weights}
     out: dict[str, torch.Tensor] = {}
     if method == "grebsmo":
         by_shape: dict[tuple, list[str]] = {}
