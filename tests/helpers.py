@@ -110,34 +110,28 @@ def write_config(path: Path, model_dir: Path, output_dir: Path, cache_dir: Path,
     return path
 
 
+LAUNCH_ENV = {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def launch_command(script: Path, config: Path, nproc: int, *extra: str) -> list[str]:
+    """nproc == 1: plain `python <script>`; else the real deepspeed launcher on a free port."""
+    if nproc == 1:
+        return [sys.executable, str(script), "--config", str(config), *extra]
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
+    return [*runner, "--master_port", str(free_port()), str(script), "--config", str(config), *extra]
+
+
 def launch(
     config: Path, nproc: int = 1, *extra: str, timeout: int = 600, config_path: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """nproc == 1: plain `python <script>`; else the real deepspeed launcher. `config` is the
-    experiment YAML for launchers/train.py; for another launcher pass the script as `config`
-    and the YAML as `config_path`."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    script = str(ROOT / "launchers" / "train.py")
+    """Run a launcher to the end. `config` is the experiment YAML for launchers/train.py; for
+    another launcher pass the script as `config` and the YAML as `config_path`."""
+    script = ROOT / "launchers" / "train.py"
     if str(config).endswith(".py"):
-        script, config = str(config), config_path
-    if nproc == 1:
-        cmd = [sys.executable, script, "--config", str(config), *extra]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            str(nproc),
-            "--master_port",
-            str(free_port()),
-            script,
-            "--config",
-            str(config),
-            *extra,
-        ]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return r
+        script, config = Path(config), config_path  # type: ignore[assignment]
+    cmd = launch_command(script, config, nproc, *extra)
+    env = dict(os.environ, **LAUNCH_ENV)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def check(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import torch
 
 from dsee_scale import faults
 
-from helpers import ROOT, free_port, save_tiny_model, write_config
+from helpers import LAUNCH_ENV, ROOT, launch_command, save_tiny_model, write_config
 
 
 def test_kill_9_of_one_rank_ends_the_job_within_two_minutes(tmp_path):
@@ -28,26 +28,9 @@ def test_kill_9_of_one_rank_ends_the_job_within_two_minutes(tmp_path):
         eval={"every": 100000},
         checkpoint={"every": 100000},
     )
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    runner = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(ROOT / "launchers" / "train.py"),
-            "--config",
-            str(cfg),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    cmd = launch_command(ROOT / "launchers" / "train.py", cfg, 2)
+    runner = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, **LAUNCH_ENV), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         log = out / "train_log.jsonl"
         deadline = time.time() + 300
