@@ -100,7 +100,7 @@ class DSEELayer(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
-        for name, delta in self.updates():
+        for name, delta in self.dsee.items():  # the hot path: the ModuleDict itself, no wrapper
             lo, hi = self.bounds(name)
             d = delta(x).to(y.dtype)
             if hi - lo == y.shape[-1]:
