@@ -74,8 +74,8 @@ def main() -> None:
 
     base, tok = smollm2()
     corpus = stdlib_corpus(tok, BLOCK)
-    train = [micro_batch(corpus.train, s, 0, 0, 1, 4, 4, seed=0) for s in range(args.tune_steps)]
-    eval_ids = corpus.eval[: args.eval_blocks]
+    train = [micro_batch(corpus.train, s, 0, 0, 1, 4, 4, seed=0)["input_ids"] for s in range(args.tune_steps)]
+    eval_ids = corpus.eval.rows(range(min(args.eval_blocks, len(corpus.eval))))["input_ids"]
     calib = train[:4]
     res = {
         "model": "SmolLM2-135M-Instruct (fp32)",

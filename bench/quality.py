@@ -96,8 +96,8 @@ def run_method(method: str, steps: int, eval_blocks: int, seed: int = 0) -> dict
     corpus = stdlib_corpus(tok, BLOCK)
     from dsee_scale.data import micro_batch
 
-    batches = [micro_batch(corpus.train, s, 0, 0, 1, BATCH, BATCH, seed=0) for s in range(steps)]
-    eval_ids = corpus.eval[:eval_blocks]
+    batches = [micro_batch(corpus.train, s, 0, 0, 1, BATCH, BATCH, seed=0)["input_ids"] for s in range(steps)]
+    eval_ids = corpus.eval.rows(range(min(eval_blocks, len(corpus.eval))))["input_ids"]
     if method == "base":
         return {
             "method": method,

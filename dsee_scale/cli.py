@@ -3,6 +3,7 @@
     dsee-scale train    --config X.yaml [--deepspeed J.json] [--resume] [section.key=value ...]
     dsee-scale prune    --config X.yaml --from RUN/checkpoints [...] | --resume
     dsee-scale export   CHECKPOINTS OUT_DIR [--tag T] [--mode merged|adapter] [--dtype D] ...
+    dsee-scale generate SOURCE --prompt P [--prompt-file F] [--chat] [--max-new-tokens N] ...
     dsee-scale inspect  --config X.yaml [section.key=value ...]
     dsee-scale hostfile --slots N [--nodelist 'gpu[01-04]'] [--out hostfile]
 
@@ -23,6 +24,7 @@ DESCRIPTIONS = {
     "train": "tune a model with DSEE on DeepSpeed (run on every rank)",
     "prune": "prune a DSEE-tuned checkpoint, then re-tune it (run on every rank)",
     "export": "a ZeRO-3 checkpoint -> a merged Hugging Face model or a DSEE adapter",
+    "generate": "answer prompts with an exported model or straight from a training checkpoint",
     "inspect": "validate a config and show what DSEE would train",
     "hostfile": "a DeepSpeed hostfile from a Slurm node list",
 }
@@ -86,6 +88,44 @@ def _export(args) -> None:
         f"wrote {args.out_dir}: {len(s['files'])} files, {s['bytes'] / 2**20:.1f} MiB, "
         f"{s['written_dtype']}, from {s['tag']} of {s['world_size']} rank(s) "
         f"in {time.perf_counter() - t0:.1f}s{note}"
+    )
+
+
+def _generate(args) -> None:
+    import json
+
+    import torch
+
+    from .data.formats import chat_template_of
+    from .generation import Sample, generate_one, input_ids, load_for_generation, read_prompts
+
+    prompts = read_prompts(args.prompt or [], args.prompt_file)
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("generate: --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    torch.manual_seed(args.seed)
+    model, tok, what = load_for_generation(args.source, args.tag)
+    if tok is None:
+        raise UserError(f"generate: {args.source!r} has no tokenizer (a random test model?)")
+    template = chat_template_of(tok, args.chat_template) if args.chat or args.chat_template else None
+    records, new, seconds = [], 0, 0.0
+    for p in prompts:
+        g = generate_one(model, tok, input_ids(tok, Sample(p, ""), template), args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p)  # fmt: skip
+        new, seconds = new + g.new_tokens, seconds + g.seconds
+        records.append({"prompt": p, "completion": g.text, "new_tokens": g.new_tokens, "seconds": g.seconds})
+        if not args.out:
+            print(f"### prompt\n{p}\n### answer\n{g.text}\n", flush=True)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    how = (
+        "greedy" if args.temperature == 0 else f"sampled (temperature {args.temperature}, top-p {args.top_p})"
+    )
+    rate = new / max(seconds, 1e-9)
+    chat = ", chat template" if template else ""
+    print(
+        f"{len(prompts)} prompt(s), {new} new tokens in {seconds:.2f}s: {rate:.1f} tokens/s "
+        f"({how}, {what}{chat})"
     )
 
 
@@ -168,6 +208,19 @@ def parser() -> argparse.ArgumentParser:
         help="with --format gguf: f16, q8_0, bf16, f32, or a comma-separated list (one file each)",
     )
     p.set_defaults(func=_export)
+    p = sub.add_parser("generate", help=DESCRIPTIONS["generate"], description=DESCRIPTIONS["generate"])
+    p.add_argument("source", help="an exported model directory, or <output_dir>[/checkpoints[/step_N]]")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help='prompts: .jsonl with a "prompt" field, else one per line')
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--chat-template", help="a Jinja chat template file (implies --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tag", help="checkpoint tag (default: the one in 'latest')")
+    p.add_argument("--out", help="write JSONL records (prompt, completion, new_tokens, seconds) here")
+    p.set_defaults(func=_generate)
     p = sub.add_parser("inspect", help=DESCRIPTIONS["inspect"], description=DESCRIPTIONS["inspect"])
     p.add_argument("--config", required=True, help="experiment YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")

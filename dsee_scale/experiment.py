@@ -28,8 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class DataConfig:
-    # local files (globs allowed): .txt, .json / .jsonl (a text field), .parquet; or the
-    # built-in source "python_stdlib" (the standard library's .py files, split by module)
+    # local files (globs allowed), or the built-in source "python_stdlib" (the standard
+    # library's .py files, split by module), or a `datasets` hub name. format text: every file
+    # is a UTF-8 document whatever its suffix, except .json / .jsonl / .parquet (text_field);
+    # prompt_completion / chat: records from .jsonl / .json / .parquet (see data/formats.py)
+    format: Literal["text", "prompt_completion", "chat"] = "text"
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     source: Literal["python_stdlib"] | None = None
@@ -37,6 +40,12 @@ class DataConfig:
     hub_train_split: str = "train"
     hub_eval_split: str | None = None
     text_field: str = "text"
+    prompt_field: str = "prompt"  # prompt_completion
+    completion_field: str = "completion"
+    messages_field: str = "messages"  # chat: a list of {role, content}
+    chat_template: str | None = None  # chat: a Jinja file; default: the tokenizer's template
+    packing: bool = True  # samples share rows (kept apart by position ids); false: one per row
+    overlong: Literal["drop", "truncate", "error"] = "drop"  # samples longer than block_size
     block_size: int = 256
     heldout_percent: int = 10  # python_stdlib: share of modules held out for eval
     max_train_blocks: int | None = None
@@ -117,10 +126,15 @@ class TrainConfig:
 class EvalConfig:
     every: int = 50  # optimizer steps; also at the end
     batch_size: int = 4  # per rank
+    generate: int = 0  # held-out samples answered greedily at each eval for the task metric
+    max_new_tokens: int = 64  # per generated answer
+    show: int = 3  # generated answers written to TensorBoard's text tab
 
     def validate(self, section: str = "eval") -> None:
         if self.every < 1 or self.batch_size < 1:
             raise ConfigError(f"{section}: every and batch_size must be >= 1")
+        if self.generate < 0 or self.max_new_tokens < 1 or self.show < 0:
+            raise ConfigError(f"{section}: generate and show must be >= 0, max_new_tokens >= 1")
 
 
 @dataclass

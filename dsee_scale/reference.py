@@ -74,8 +74,8 @@ def plain_reference(config: Path) -> tuple[dict[int, float], dict, dict[str, tor
     for step in range(t.max_steps):
         total = 0.0
         for micro in range(accum):
-            ids = micro_batch(corpus.train, step, micro, 0, 1, t.micro_batch_size, t.batch_size, t.seed)
-            loss = model(input_ids=ids, labels=ids).loss
+            batch = micro_batch(corpus.train, step, micro, 0, 1, t.micro_batch_size, t.batch_size, t.seed)
+            loss = model(**batch, use_cache=False).loss
             (loss / accum).backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)

@@ -205,3 +205,37 @@ def logits_without_dsee_scale(model_dir: Path, ids: torch.Tensor, work: Path) ->
     assert r.returncode == 0, r.stderr[-3000:]
     out = torch.load(work / "out.pt")
     return out["logits"], out["class"]
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def save_chat_model(root: Path, vocab_size: int = 400) -> Path:
+    """A tiny random LLaMA with a real byte-level BPE tokenizer (trained here on standard
+    library files, as GPT-2's and SmolLM2's are built) that has ChatML special tokens and a
+    chat template: what instruction-tuning tests need."""
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    d = root / "llama-chat"
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:20]]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    ))  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    tiny_llama(vocab_size=len(tok), bos_token_id=None, eos_token_id=eos, pad_token_id=0,
+               max_position_embeddings=128).save_pretrained(d)  # fmt: skip
+    tok.save_pretrained(d)
+    return d

@@ -82,10 +82,7 @@ def test_structured_prune_is_exact_and_the_same_on_one_and_two_ranks(tuned, kind
     with torch.no_grad():
         want = sum(
             tuned_model(
-                input_ids=(
-                    ids := micro_batch(corpus.train, 0, m, 0, 1, t.micro_batch_size, t.batch_size, t.seed)
-                ),
-                labels=ids,
+                **micro_batch(corpus.train, 0, m, 0, 1, t.micro_batch_size, t.batch_size, t.seed)
             ).loss.item()
             for m in range(t.batch_size // t.micro_batch_size)
         ) / (t.batch_size // t.micro_batch_size)
@@ -237,7 +234,7 @@ def test_wanda_and_activation_scores_through_the_launcher(tuned):
     corpus = build_corpus(exp.data, ByteTokenizer())
     t = exp.train
     batches = [
-        micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)
+        micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)["input_ids"]
         for s in range(2)
     ]
     model = rebuilt(ckpt, model_path)

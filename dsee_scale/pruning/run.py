@@ -184,7 +184,7 @@ def calibration(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> 
     corpus = build_corpus(exp.data, tok)
     t = exp.train
     batches = [
-        micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)
+        micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)["input_ids"]
         for s in range(pc.calibration_batches)
     ]
     return layerwise_statistics(cm, batches)

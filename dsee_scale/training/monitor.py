@@ -58,6 +58,10 @@ class Monitor:
         if self.enabled and values.numel():
             self.writer.add_histogram(name, values.float().cpu(), step)
 
+    def markdown(self, step: int, tag: str, text: str) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text, step)
+
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.enabled:
             self.bar.update(step - self.bar.n)

@@ -28,10 +28,11 @@ from torch import nn
 from ..adapters import choose_supports, inject
 from ..adapters.inject import check_num_sparse, resolve_targets
 from ..checkpoint import format as fmt
-from ..data import ByteTokenizer, Corpus, build_corpus, micro_batch
+from ..data import ByteTokenizer, Corpus, build_corpus, chat_template_of, micro_batch, packing_mode, to_device
 from ..errors import ConfigError, RunStopped
 from ..experiment import ExperimentConfig
 from ..faults import exit_after_step, nan_fault
+from ..generation import held_out_samples
 from ..models import load_config, load_tokenizer
 from ..zero import comm
 from . import checkpoint as ckpt
@@ -43,7 +44,7 @@ from .engine import (
     enable_gradient_checkpointing,
     trainable_count,
 )
-from .evaluate import dsee_histograms, evaluate
+from .evaluate import dsee_histograms, evaluate, generation_eval, samples_markdown
 from .monitor import Monitor, memory_scalars
 from .nonfinite import Skips, backward_loss
 
@@ -176,13 +177,19 @@ class TrainingRun:
         return update
 
     def load_data(self) -> Corpus:
-        """Packed blocks; rank 0 tokenizes into the cache first, the others then read it."""
+        """Rows of block_size tokens; rank 0 tokenizes into the cache first, the others then
+        read it (memory-mapped: each rank reads the rows it trains on)."""
         data = self.data
-        tokenizer = load_tokenizer(self.exp.model) or ByteTokenizer()
-        check_model_fits_data(self.model.config, tokenizer, data.block_size)
-        corpus = build_corpus(data, tokenizer) if self.rank == 0 else None
+        self.tokenizer = load_tokenizer(self.exp.model) or ByteTokenizer()
+        check_model_fits_data(self.model.config, self.tokenizer, data.block_size)
+        mode = packing_mode(self.model.config, data.packing)
+        corpus = build_corpus(data, self.tokenizer, mode) if self.rank == 0 else None
         comm.barrier()
-        return corpus if corpus is not None else build_corpus(data, tokenizer)
+        self.template = (
+            chat_template_of(self.tokenizer, data.chat_template) if data.format == "chat" else None
+        )
+        self.eval_samples = held_out_samples(data, self.exp.eval.generate) if self.exp.eval.generate else []
+        return corpus if corpus is not None else build_corpus(data, self.tokenizer, mode)
 
     def create_engine(self) -> None:
         t = self.exp.train
@@ -190,7 +197,7 @@ class TrainingRun:
             self.total_steps = t.max_steps
         else:  # validated: exactly one of max_steps, epochs
             epochs = float(t.epochs or 0)
-            self.total_steps = max(1, math.ceil(epochs * self.corpus.train.shape[0] / t.batch_size))
+            self.total_steps = max(1, math.ceil(epochs * len(self.corpus.train) / t.batch_size))
         self.n_trainable = trainable_count(self.model)
         self.engine, _, self.scheduler = create_engine(self.model, self.ds, self.exp, self.total_steps)
         self.accum = self.engine.gradient_accumulation_steps()
@@ -290,10 +297,10 @@ class TrainingRun:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         for micro in range(self.accum):
-            ids = micro_batch(self.corpus.train, step, micro, self.rank, self.world,
-                              t.micro_batch_size, t.batch_size, t.seed).to(engine.device)  # fmt: skip
+            batch = micro_batch(self.corpus.train, step, micro, self.rank, self.world,
+                                t.micro_batch_size, t.batch_size, t.seed)  # fmt: skip
             with self.fault(step + 1, micro):
-                loss = engine(input_ids=ids, labels=ids).loss
+                loss = engine(**to_device(batch, engine.device), use_cache=False).loss
             engine.backward(backward_loss(loss))
             engine.step()
             loss_sum += loss.detach().double()
@@ -328,11 +335,22 @@ class TrainingRun:
         self.monitor.progress(done, loss, tokens_per_s)
 
     def run_eval(self, done: int) -> None:
+        """Held-out loss (answer tokens for instruction data) and, with eval.generate, the
+        task metric from greedy answers, plus a few of them in TensorBoard's text tab."""
         assert self.corpus.eval is not None
-        self.eval_loss = evaluate(self.engine, self.corpus.eval, self.exp.eval.batch_size)
+        ev = self.exp.eval
+        self.eval_loss = evaluate(self.engine, self.corpus.eval, ev.batch_size)
         ppl = math.exp(min(self.eval_loss, 50))
         self.monitor.scalars(done, {"eval/loss": self.eval_loss, "eval/perplexity": ppl})
-        self.monitor.text(f"step {done}: eval loss {self.eval_loss:.4f} perplexity {ppl:.2f}")
+        line = f"step {done}: eval loss {self.eval_loss:.4f} perplexity {ppl:.2f}"
+        if self.eval_samples:
+            metrics, pairs = generation_eval(self.engine, self.tokenizer, self.eval_samples,
+                                             self.template, ev.max_new_tokens)  # fmt: skip
+            self.monitor.scalars(done, {f"eval/{k}": v for k, v in metrics.items()})
+            self.monitor.markdown(done, "eval/generations", samples_markdown(pairs[: ev.show]))
+            self.summary["eval_task"] = metrics
+            line += f", exact match {metrics['exact_match']:.1f}%, chrF {metrics['chrf']:.1f}"
+        self.monitor.text(line)
 
     # ---- cleanup -------------------------------------------------------------------------
     def cleanup(self) -> None:
