@@ -416,6 +416,37 @@ class Report:
                 )
                 self.add("\n" + provenance(d))
 
+    def instruct(self) -> None:
+        """Instruction tuning on the docstring task (bench/instruct.py)."""
+        self.add("## Instruction tuning: summarise a standard-library function (SmolLM2-135M-Instruct)")
+        g = self.data.get("instruct")
+        if not g:
+            self.add("Not run (`python bench/instruct.py`).")
+            return
+        self.add(f"{g['records']['train']:,} train / {g['records']['heldout']:,} held-out records (split by "
+                 f"module); {g['corpus']}. {g['steps']} steps x {g['batch_rows']} rows of {g['block']} "
+                 f"tokens, lr {g['lr']}. Answer-token perplexity over {g['eval_answer_tokens']:,} held-out "
+                 f"answer tokens; exact match and chrF of greedy answers to {g['generated_samples']} "
+                 "held-out prompts.\n")  # fmt: skip
+        rows = []
+        for r in g["runs"]:
+            rows.append([r["method"], r["seed"], r.get("trainable_parameters", 0), r["answer_perplexity"],
+                         r["exact_match"], r["chrf"], r["generate_tokens_per_s"]])  # fmt: skip
+        header = ["method", "seed", "trainable", "answer ppl", "exact match %", "chrF", "generate tokens/s"]
+        self.add(table(header, rows))
+        self.add("\nPaired per-prompt chrF differences (bootstrap 95% interval over prompts):\n")
+        pairs = [
+            [k, v["mean"], f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"] for k, v in g["paired_chrf"].items()
+        ]
+        self.add(table(["a - b", "mean chrF difference", "95% interval"], pairs))
+        self.add("\nExamples (held-out, greedy):\n")
+        for ex in g["examples"][:4]:
+            code = ex["prompt"].split("```python\n", 1)[-1].rsplit("\n```", 1)[0]
+            first = code.splitlines()[0] if code else ""
+            answers = "; ".join(f"**{k}**: {v!r}" for k, v in ex.items() if k not in ("prompt", "reference"))
+            self.add(f"- `{first}` reference {ex['reference']!r}; {answers}")
+        self.add("\n" + provenance(g))
+
     def aims(self) -> None:
         """The issue's targets, met or missed, computed from the results."""
         lines = []
@@ -472,6 +503,7 @@ class Report:
         self.pruning()
         self.speed()
         self.deployment()
+        self.instruct()
         self.out.write_text("\n".join(head + self.parts) + "\n")
         print(f"wrote {self.out} and {len(list(self.plots.glob('*.png')))} plots in {self.plots}")
         return self.out
