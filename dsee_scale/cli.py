@@ -97,7 +97,8 @@ def _generate(args) -> None:
     import torch
 
     from .data.formats import chat_template_of
-    from .generation import Sample, generate_one, input_ids, load_for_generation, read_prompts
+    from .export.loaded import load_for_generation
+    from .generation import Sample, generate_one, input_ids, read_prompts
 
     prompts = read_prompts(args.prompt or [], args.prompt_file)
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
