@@ -99,7 +99,8 @@ class RecordingEngine:
     def __init__(self):
         self.inputs: list[torch.device] = []
 
-    def __call__(self, input_ids, labels):
+    def __call__(self, input_ids, labels, use_cache=True, **rest):
+        assert labels.device == input_ids.device and all(v.device == input_ids.device for v in rest.values())
         self.inputs.append(input_ids.device)
         return SimpleNamespace(loss=torch.tensor(2.0).to(self.device))
 
@@ -117,7 +118,7 @@ class RecordingEngine:
 
 
 def test_the_training_step_feeds_the_engine_and_reduces_on_the_accelerator(accelerator):
-    from dsee_scale.data import Corpus
+    from dsee_scale.data import Blocks, Corpus
     from dsee_scale.experiment import load_experiment
     from dsee_scale.faults import nan_fault
     from dsee_scale.training.trainer import TrainingRun
@@ -126,7 +127,7 @@ def test_the_training_step_feeds_the_engine_and_reduces_on_the_accelerator(accel
 
     run = TrainingRun(load_experiment(str(ROOT / "configs" / "gpt2-tiny.yaml")))
     run.engine, run.accum, run.rank, run.world = RecordingEngine(), 2, 0, 2
-    run.corpus = Corpus(train=torch.randint(0, 256, (64, 16)), eval=None)
+    run.corpus = Corpus(train=Blocks.from_ids(torch.randint(0, 256, (64, 16))), eval=None)
     run.fault = nan_fault(torch.nn.Module(), rank=1)  # no fault: rank 1 never gets one
     loss, _ = run.train_step(0)
     assert run.engine.inputs == [ACCEL, ACCEL]  # every micro-batch moved to the engine's device
@@ -135,10 +136,11 @@ def test_the_training_step_feeds_the_engine_and_reduces_on_the_accelerator(accel
 
 
 def test_evaluation_feeds_the_engine_and_reduces_on_the_accelerator(accelerator):
+    from dsee_scale.data import Blocks
     from dsee_scale.training.evaluate import evaluate
 
     engine = RecordingEngine()
-    loss = evaluate(engine, torch.randint(0, 256, (5, 8)), batch_size=2)
+    loss = evaluate(engine, Blocks.from_ids(torch.randint(0, 256, (5, 8))), batch_size=2)
     assert engine.inputs and set(engine.inputs) == {ACCEL}
     assert accelerator == [("all_reduce", ACCEL)]
     assert loss == pytest.approx(2.0)

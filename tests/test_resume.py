@@ -89,3 +89,24 @@ def test_a_corrupt_latest_names_the_newest_intact_checkpoint(uninterrupted):
         )
     finally:
         shard.write_bytes(original)
+
+
+def test_a_checkpoint_from_before_a_new_key_resumes_at_its_default(tmp_path):
+    """A run saved before `data.format` (and the other instruction keys) existed is the same
+    run at their defaults, and not at another value."""
+    from dataclasses import asdict
+
+    import yaml
+
+    from dsee_scale.errors import ConfigError
+    from dsee_scale.experiment import DataConfig, ExperimentConfig
+    from dsee_scale.training.checkpoint import check_same_run
+
+    exp = ExperimentConfig(data=DataConfig(source="python_stdlib"))
+    saved = yaml.safe_load(yaml.safe_dump(asdict(exp)))
+    for key in ("format", "packing", "overlong", "chat_template"):
+        del saved["data"][key]
+    check_same_run(saved, exp, tmp_path)
+    exp.data.format = "chat"  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="data.format was None in .*, now 'chat'"):
+        check_same_run(saved, exp, tmp_path)

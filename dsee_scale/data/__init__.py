@@ -60,6 +60,15 @@ class Blocks:
         self.ds = ds.with_format("torch")
         self.info = info
 
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor) -> Blocks:
+        """Text rows from an (n, block_size) tensor of token ids, in memory (tests, benches)."""
+        import datasets
+
+        info = {"format": "text", "block_size": ids.shape[1], "samples": ids.shape[0], "dropped": 0,
+                "truncated": 0, "packing": "concatenated"}  # fmt: skip
+        return cls(datasets.Dataset.from_dict({"input_ids": ids.tolist()}), info)
+
     def __len__(self) -> int:
         return int(self.ds.num_rows)
 

@@ -13,6 +13,7 @@ The format (names, tags, manifest, layout) is dsee_scale/checkpoint/format.py. H
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -20,6 +21,7 @@ import random
 import shutil
 import subprocess
 import sys
+import typing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -143,14 +145,38 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_NO_DEFAULT = object()
+
+
+def default_of(key: str) -> Any:
+    """The dataclass default of a dotted experiment key ("data.format" -> "text")."""
+    cls: Any = ExperimentConfig
+    *sections, leaf = key.split(".")
+    for name in sections:
+        hint = typing.get_type_hints(cls).get(name)
+        cls = next((a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)), None)
+        if cls is None:
+            return _NO_DEFAULT
+    field = {f.name: f for f in dataclasses.fields(cls)}.get(leaf)
+    if field is None:
+        return _NO_DEFAULT
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else _NO_DEFAULT
+
+
 def check_same_run(saved: dict, exp: ExperimentConfig, where: Path) -> None:
-    """Refuse a resume whose experiment differs from the checkpoint's in a key outside MAY_CHANGE."""
+    """Refuse a resume whose experiment differs from the checkpoint's in a key outside MAY_CHANGE.
+    A key the checkpoint does not have (added by a newer dsee-scale) at its default is the same
+    run: a run saved before `data.format` existed resumes with format text."""
     now = yaml.safe_load(yaml.safe_dump(asdict(exp)))  # the same normal form as the saved file
     old_flat, new_flat = _flat(saved), _flat(now)
     for key in sorted(set(old_flat) | set(new_flat)):
         if any(fnmatch.fnmatchcase(key, p) for p in MAY_CHANGE):
             continue
         old, new = old_flat.get(key), new_flat.get(key)
+        if key not in old_flat and new == default_of(key):
+            continue
         if old != new:
             raise ConfigError(
                 f"--resume: {key} was {old!r} in {str(where)!r}, now {new!r}; a "
