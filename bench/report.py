@@ -333,6 +333,16 @@ class Report:
             rows.append(
                 ["literal GreBsmo / ours (time)", s["speedup_ours_over_reference"], "", provenance(s)]
             )
+            what = {"support_agreement_literal_vs_ours": "literal oracle vs ours",
+                    "support_agreement_one_by_one_vs_batched": "one by one vs batched"}  # fmt: skip
+            for kind, r in s["reference_literal_grebsmo"].items():
+                for key, label in what.items():
+                    if key in r:
+                        name = f"GreBsmo support agreement, {label} ({kind}, {r['matrices_timed']} matrices)"
+                        rows.append([name, min(r[key]), "1.0", provenance(s)])
+            if "s_nonzeros_min" in s:
+                name = f"GreBsmo: fewest non-zeros of S over {s['matrices']} matrices"
+                rows.append([name, s["s_nonzeros_min"], f">= N = {s['num_sparse']}", provenance(s)])
         e = self.data.get("export_speed")
         if e:
             rows.append(

@@ -28,7 +28,7 @@ class DSEEConfig:
     dropout: float = 0.0
     init_a: Literal["kaiming", "normal"] = "kaiming"
     grebsmo_rounds: int = 100
-    grebsmo_threshold: float = 0.01
+    grebsmo_relative_threshold: float = 0.25  # GreBsmo's hard threshold, x RMS(W) of each matrix
     grebsmo_rank_fraction: float = 0.65  # V stops growing at this fraction of min(out, in)
     svd_rank: int = 16
 
@@ -47,8 +47,8 @@ class DSEEConfig:
             raise ConfigError(f"{section}.dropout: got {self.dropout}, must be in [0, 1)")
         if self.grebsmo_rounds < 1:
             raise ConfigError(f"{section}.grebsmo_rounds: got {self.grebsmo_rounds}, must be >= 1")
-        if self.grebsmo_threshold < 0:
-            raise ConfigError(f"{section}.grebsmo_threshold: must be >= 0")
+        if self.grebsmo_relative_threshold < 0:
+            raise ConfigError(f"{section}.grebsmo_relative_threshold: must be >= 0")
         if not 0.0 < self.grebsmo_rank_fraction <= 1.0:
             raise ConfigError(
                 f"{section}.grebsmo_rank_fraction: got {self.grebsmo_rank_fraction}, must be in (0, 1]"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -149,17 +150,30 @@ def check_num_sparse(model: nn.Module, targets: list[Target], cfg: DSEEConfig) -
 def compute_supports(
     weights: dict[str, torch.Tensor], targets: list[Target], cfg: DSEEConfig
 ) -> dict[str, torch.Tensor]:
-    """Omega for each target from its (full, gathered) weight, keyed by Target.key."""
-    return select_supports(
+    """Omega for each target from its (full, gathered) weight, keyed by Target.key. A GreBsmo
+    matrix whose S has fewer than N non-zeros is warned about (its Omega is completed from the
+    largest |W|, support.py)."""
+    short: dict[str, int] = {}
+    out = select_supports(
         weights,
         cfg.num_sparse,
         cfg.support,
         {t.key: t.seed(cfg.seed) for t in targets},
         grebsmo_rounds=cfg.grebsmo_rounds,
-        grebsmo_threshold=cfg.grebsmo_threshold,
+        grebsmo_threshold=cfg.grebsmo_relative_threshold,
         grebsmo_rank_fraction=cfg.grebsmo_rank_fraction,
         svd_rank=cfg.svd_rank,
+        short=short,
     )
+    for key, nnz in short.items():
+        warnings.warn(
+            f"GreBsmo: S of {key} has {nnz} non-zeros at dsee.grebsmo_relative_threshold="
+            f"{cfg.grebsmo_relative_threshold}, fewer than num_sparse={cfg.num_sparse}; the other "
+            f"{cfg.num_sparse - nnz} positions are the largest |W| outside S (lower the threshold "
+            "to let S choose them)",
+            stacklevel=2,
+        )
+    return out
 
 
 def choose_supports(
