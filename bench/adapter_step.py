@@ -2,8 +2,9 @@
 
     python bench/adapter_step.py [--steps 8] [--batch 4] [--seq 256] [--quick]
 
-DSEE: r=8, N=64 on q_proj and v_proj (support from GreBsmo). LoRA: r=8 on q_proj and v_proj.
-Steps alternate DSEE / LoRA so machine noise hits both alike; the ratio is of medians.
+DSEE: r=8, N=64 on q_proj and v_proj (support from GreBsmo), and the same at 1% density
+(dsee.sparse_density 0.01: N = 3,318 per q_proj, 1,106 per v_proj). LoRA: r=8 on q_proj and
+v_proj. Steps rotate over the models so machine noise hits all alike; ratios are of medians.
 Memory: trainable parameters, optimizer-state bytes (AdamW: exp_avg + exp_avg_sq) and the bytes
 autograd saves for backward in one step (activations), counted exactly with saved-tensor hooks.
 """
@@ -71,13 +72,15 @@ def main() -> None:
     t0 = time.perf_counter()
     targets = inject(dsee, dsee_cfg)
     inject_s = time.perf_counter() - t0
+    dense1 = copy.deepcopy(base).train()
+    inject(dense1, DSEEConfig(r=8, alpha=16, sparse_density=0.01, target_modules=["q_proj", "v_proj"]))
     lora = get_peft_model(
         copy.deepcopy(base),
         LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
     ).train()
     del base
 
-    models = {"dsee": dsee, "lora": lora}
+    models = {"dsee": dsee, "lora": lora, "dsee_density_1pct": dense1}
     opts = {
         k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
         for k, m in models.items()
@@ -86,11 +89,12 @@ def main() -> None:
     for k in models:  # warm-up (allocator, optimizer state)
         step(models[k], opts[k], ids)
     times = {k: [] for k in models}
+    names = list(models)
     for i in range(args.steps):
-        for k in ("dsee", "lora") if i % 2 == 0 else ("lora", "dsee"):
+        for k in names[i % 3 :] + names[: i % 3]:  # rotate the order
             times[k].append(step(models[k], opts[k], ids))
         print(
-            f"step {i + 1}/{args.steps}: dsee {times['dsee'][-1]:.3f}s  lora {times['lora'][-1]:.3f}s",
+            f"step {i + 1}/{args.steps}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()),
             flush=True,
         )
 
@@ -108,6 +112,10 @@ def main() -> None:
         "step_seconds_median": med,
         "step_seconds_all": times,
         "step_time_ratio_dsee_over_lora": med["dsee"] / med["lora"],
+        "step_time_ratio_dsee_density_1pct_over_lora": med["dsee_density_1pct"] / med["lora"],
+        "dsee_density_1pct_sparse_values": sum(
+            p.numel() for n, p in dense1.named_parameters() if n.endswith("sparse_values")
+        ),
         "trainable_parameters": trainable,
         "trainable_excess_over_lora_plus_N_per_matrix": trainable["dsee"]
         - (trainable["lora"] + 64 * n_targets),

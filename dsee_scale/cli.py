@@ -143,7 +143,7 @@ def _inspect(args) -> None:
     total = sum(p.numel() for p in model.parameters())
     for t in targets:
         rows, cols = target_shape(model, t)
-        print(f"{t.key:50s} {rows:6d} x {cols:<6d} r={exp.dsee.r} N={exp.dsee.num_sparse}")
+        print(f"{t.key:50s} {rows:6d} x {cols:<6d} r={exp.dsee.r} N={exp.dsee.n_for(rows, cols)}")
     n = trainable_parameter_count(model)
     assert n == expected_trainable_count(model, targets, exp.dsee)
     print(

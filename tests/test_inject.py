@@ -16,6 +16,8 @@ from dsee_scale.adapters import (
     trainable_parameter_count,
     unmerge,
 )
+from dsee_scale.adapters.inject import target_shape
+from dsee_scale.adapters.layer import delta_name
 from dsee_scale.errors import ConfigError
 
 from helpers import randomize_dsee, tiny_gpt2, tiny_llama
@@ -148,3 +150,32 @@ def test_num_sparse_zero_trains_low_rank_only(tiny_model):
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in grads.values())
     assert all(g.numel() == 0 for n, g in grads.items() if n.endswith("sparse_values"))
+
+
+def test_sparse_density_sets_n_per_matrix_and_stays_o_of_n(tiny_model):
+    """dsee.sparse_density: N = round(density x rows x cols) for each target, stored as N values
+    (never a dense S), through the same code as num_sparse; the sparse part trains."""
+    kind, model = tiny_model
+    cfg = DSEEConfig(r=2, sparse_density=0.03, support="grebsmo")
+    targets = inject(model, cfg)
+    assert trainable_parameter_count(model) == expected_trainable_count(model, targets, cfg)
+    for t in targets:
+        rows, cols = target_shape(model, t)
+        values = model.get_parameter(f"{delta_name(t.module, t.slice)}.sparse_values")
+        assert values.numel() == round(0.03 * rows * cols) > 0
+    randomize = {n: p for n, p in model.named_parameters() if ".lora_B" in n}
+    with torch.no_grad():
+        for p in randomize.values():
+            p.normal_()
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.endswith("sparse_values")]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("density", [-0.1, 1.5])
+def test_sparse_density_out_of_range_is_refused(density):
+    from dsee_scale.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"dsee.sparse_density: got .*, must be in \[0, 1\]"):
+        from_dict(DSEEConfig, {"sparse_density": density}, "dsee")

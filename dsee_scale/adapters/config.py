@@ -22,6 +22,7 @@ class DSEEConfig:
     r: int = 8
     alpha: float = 16.0
     num_sparse: int = 64  # N: non-zeros of S per targeted matrix (or slice)
+    sparse_density: float | None = None  # instead of num_sparse: N = density x rows x cols
     target_modules: list[str] = None  # type: ignore[assignment]
     support: SupportMethod = "grebsmo"
     seed: int = 0
@@ -43,6 +44,11 @@ class DSEEConfig:
             raise ConfigError(f"{section}.alpha: got {self.alpha}, must be > 0")
         if self.num_sparse < 0:
             raise ConfigError(f"{section}.num_sparse: got {self.num_sparse}, must be >= 0")
+        if self.sparse_density is not None and not 0.0 <= self.sparse_density <= 1.0:
+            raise ConfigError(
+                f"{section}.sparse_density: got {self.sparse_density}, must be in [0, 1] "
+                "(a fraction of each matrix's entries, e.g. 0.01)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{section}.dropout: got {self.dropout}, must be in [0, 1)")
         if self.grebsmo_rounds < 1:
@@ -61,6 +67,12 @@ class DSEEConfig:
                     f"{section}.target_modules: bad pattern {pat!r}; use a module name pattern, "
                     "optionally with :q, :k or :v for a fused qkv projection"
                 )
+
+    def n_for(self, rows: int, cols: int) -> int:
+        """N for a rows x cols matrix: num_sparse, or round(sparse_density x rows x cols)."""
+        if self.sparse_density is None:
+            return self.num_sparse
+        return min(rows * cols, round(self.sparse_density * rows * cols))
 
     def scaling(self) -> float:
         return self.alpha / self.r

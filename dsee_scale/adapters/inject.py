@@ -140,7 +140,7 @@ def target_shape(model: nn.Module, t: Target) -> tuple[int, int]:
 def check_num_sparse(model: nn.Module, targets: list[Target], cfg: DSEEConfig) -> None:
     for t in targets:
         rows, cols = target_shape(model, t)
-        if cfg.num_sparse > rows * cols:
+        if cfg.n_for(rows, cols) > rows * cols:
             raise ConfigError(
                 f"dsee.num_sparse: {cfg.num_sparse} is larger than {t.key} "
                 f"({rows} x {cols} = {rows * cols} entries); allowed: 0..{rows * cols}"
@@ -156,7 +156,7 @@ def compute_supports(
     short: dict[str, int] = {}
     out = select_supports(
         weights,
-        cfg.num_sparse,
+        {k: cfg.n_for(*w.shape) for k, w in weights.items()},
         cfg.support,
         {t.key: t.seed(cfg.seed) for t in targets},
         grebsmo_rounds=cfg.grebsmo_rounds,
@@ -166,10 +166,11 @@ def compute_supports(
         short=short,
     )
     for key, nnz in short.items():
+        n = cfg.n_for(*weights[key].shape)
         warnings.warn(
             f"GreBsmo: S of {key} has {nnz} non-zeros at dsee.grebsmo_relative_threshold="
-            f"{cfg.grebsmo_relative_threshold}, fewer than num_sparse={cfg.num_sparse}; the other "
-            f"{cfg.num_sparse - nnz} positions are the largest |W| outside S (lower the threshold "
+            f"{cfg.grebsmo_relative_threshold}, fewer than num_sparse={n}; the other "
+            f"{n - nnz} positions are the largest |W| outside S (lower the threshold "
             "to let S choose them)",
             stacklevel=2,
         )
@@ -206,18 +207,20 @@ def build_delta(
     model: nn.Module, t: Target, cfg: DSEEConfig, index: torch.Tensor, dtype: torch.dtype | None = None
 ) -> SparseLowRankDelta:
     rows, cols = target_shape(model, t)
-    # N may be smaller than num_sparse after structured pruning cut rows / columns of S
+    # N may be smaller than num_sparse after structured pruning cut rows / columns of S (with
+    # sparse_density, the kept positions may round above the density of the smaller matrix)
+    most = cfg.num_sparse if cfg.sparse_density is None else rows * cols
     if (
         index.dim() != 2
         or index.shape[0] != 2
-        or index.shape[1] > cfg.num_sparse
+        or index.shape[1] > most
         or (
             index.numel()
             and (int(index[0].max()) >= rows or int(index[1].max()) >= cols or int(index.min()) < 0)
         )
     ):
         raise UserError(
-            f"support for {t.key} does not fit a {rows} x {cols} matrix with num_sparse={cfg.num_sparse}"
+            f"support for {t.key} does not fit a {rows} x {cols} matrix with num_sparse={most}"
         )
     delta = SparseLowRankDelta(cols, rows, cfg.r, cfg.alpha, index, cfg.dropout)
     delta.reset_parameters(torch.Generator().manual_seed(t.seed(cfg.seed) + 1), cfg.init_a)
@@ -299,7 +302,7 @@ def expected_trainable_count(model: nn.Module, targets: list[Target], cfg: DSEEC
     total = 0
     for t in targets:
         rows, cols = target_shape(model, t)
-        total += cfg.r * (rows + cols) + cfg.num_sparse
+        total += cfg.r * (rows + cols) + cfg.n_for(rows, cols)
     return total
 
 

@@ -111,7 +111,7 @@ def _svd_sparse(W: torch.Tensor, k: int) -> torch.Tensor:
 
 def select_supports(
     weights: dict[str, torch.Tensor],
-    n: int,
+    n: int | dict[str, int],
     method: str,
     seeds: dict[str, int],
     *,
@@ -128,9 +128,12 @@ def select_supports(
     fewer than n non-zeros (their Omega is completed by magnitude, see above)."""
     if method not in METHODS:
         raise ValueError(f"unknown support method {method!r}; allowed: {', '.join(METHODS)}")
-    if n == 0:  # no sparse part (plain LoRA through the same code): nothing to choose
-        return {name: torch.zeros(2, 0, dtype=torch.long) for name in weights}
+    want = n if isinstance(n, dict) else {name: n for name in weights}  # N per matrix
     out: dict[str, torch.Tensor] = {}
+    for name in weights:
+        if want[name] == 0:  # no sparse part (plain LoRA through the same code): nothing to choose
+            out[name] = torch.zeros(2, 0, dtype=torch.long)
+    weights = {k: w for k, w in weights.items() if k not in out}
     if method == "grebsmo":
         by_shape: dict[tuple, list[str]] = {}
         for name, w in weights.items():
@@ -147,18 +150,18 @@ def select_supports(
                     rank_fraction=grebsmo_rank_fraction,
                 )
                 for c, s in zip(chunk, S, strict=True):
-                    out[c] = complete_top_n(s, weights[c], n)
+                    out[c] = complete_top_n(s, weights[c], want[c])
                     nnz = int(s.count_nonzero())
-                    if short is not None and nnz < n:
+                    if short is not None and nnz < want[c]:
                         short[c] = nnz
         return out
     for name, w in weights.items():
         if method == "svd":
-            out[name] = top_n(_svd_sparse(w, svd_rank).abs(), n)
+            out[name] = top_n(_svd_sparse(w, svd_rank).abs(), want[name])
         elif method == "magnitude":
-            out[name] = top_n(w.float().abs(), n)
+            out[name] = top_n(w.float().abs(), want[name])
         else:  # random
             g = torch.Generator().manual_seed(seeds[name])
-            flat = torch.randperm(w.numel(), generator=g)[:n]
+            flat = torch.randperm(w.numel(), generator=g)[: want[name]]
             out[name] = flat_to_index(flat, w.shape[1])
     return out
