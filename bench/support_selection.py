@@ -5,8 +5,10 @@
 Ours (dsee_scale.adapters.support, float64, batched, QR of 5 columns) on all 60 matrices,
 against the literal GreBsmo oracle of tests/reference_grebsmo.py on the first few q and v
 matrices (the literal one takes seconds per matrix, so its total is extrapolated and labelled
-so): time and support agreement. Also: the non-zeros of S per matrix at the relative threshold
-(fewer than N would fall back to magnitude), the same matrices one by one (path independence),
+so): time and support agreement. The gradient-informed support (RoSA's) is timed too: 8
+calibration micro-batches of 4 x 256 standard-library tokens through the DSEE-injected model.
+Also: the non-zeros of S per matrix at the relative threshold (fewer than N would fall back to
+magnitude), the same matrices one by one (path independence),
 svd / magnitude / random selection time and the support overlap between methods.
 """
 
@@ -46,7 +48,7 @@ def main() -> None:
     ap.add_argument("--num-sparse", type=int, default=64)
     args = ap.parse_args()
 
-    model, _ = smollm2()
+    model, tok = smollm2()
     cfg = DSEEConfig(num_sparse=args.num_sparse, target_modules=["q_proj", "v_proj"])
     targets = resolve_targets(model, cfg)
     weights = {t.key: target_weight(model, t).detach().float() for t in targets}
@@ -67,6 +69,26 @@ def main() -> None:
         supports[method] = compute_supports(weights, targets, cfg)
         timings[method] = time.perf_counter() - t0
         print(f"{method:9s}: {timings[method]:.2f}s for {len(targets)} matrices", flush=True)
+
+    # gradient (RoSA): needs the injected model and calibration batches, not just the weights
+    import copy
+
+    from dsee_scale.adapters import inject
+    from dsee_scale.adapters.gradient import squared_gradient_scores, supports_from_scores
+
+    from common import stdlib_batch
+
+    g_model = copy.deepcopy(model).eval()
+    inject(g_model, cfg, {t.key: torch.zeros(2, args.num_sparse, dtype=torch.long) for t in targets})
+    ids = stdlib_batch(tok, 32, 256)
+    t0 = time.perf_counter()
+    scores = squared_gradient_scores(
+        g_model, targets, [{"input_ids": ids[i : i + 4], "labels": ids[i : i + 4]} for i in range(0, 32, 4)],
+        lambda b: g_model(**b, use_cache=False).loss,
+    )  # fmt: skip
+    supports["gradient"] = supports_from_scores(scores, cfg.n_for)
+    timings["gradient"] = time.perf_counter() - t0
+    print(f"gradient : {timings['gradient']:.2f}s for {len(targets)} matrices (8 micro-batches)", flush=True)
 
     ref = {}
     for kind in ("q_proj", "v_proj"):
@@ -114,7 +136,7 @@ def main() -> None:
         "reference_total_seconds_extrapolated": ref_total,
         "speedup_ours_over_reference": ref_total / timings["grebsmo"],
         "support_overlap_with_grebsmo": {
-            m: overlap(supports["grebsmo"], supports[m]) for m in ("svd", "magnitude", "random")
+            m: overlap(supports["grebsmo"], supports[m]) for m in ("svd", "magnitude", "random", "gradient")
         },
     }
     print(

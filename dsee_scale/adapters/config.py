@@ -7,7 +7,7 @@ from typing import Literal
 
 from ..errors import ConfigError
 
-SupportMethod = Literal["grebsmo", "svd", "magnitude", "random"]
+SupportMethod = Literal["grebsmo", "svd", "magnitude", "random", "gradient"]
 
 
 @dataclass
@@ -32,6 +32,7 @@ class DSEEConfig:
     grebsmo_relative_threshold: float = 0.25  # GreBsmo's hard threshold, x RMS(W) of each matrix
     grebsmo_rank_fraction: float = 0.65  # V stops growing at this fraction of min(out, in)
     svd_rank: int = 16
+    gradient_batches: int = 8  # support "gradient": calibration micro-batches of the train data
 
     def __post_init__(self):
         if self.target_modules is None:
@@ -59,6 +60,8 @@ class DSEEConfig:
             raise ConfigError(
                 f"{section}.grebsmo_rank_fraction: got {self.grebsmo_rank_fraction}, must be in (0, 1]"
             )
+        if self.gradient_batches < 1:
+            raise ConfigError(f"{section}.gradient_batches: got {self.gradient_batches}, must be >= 1")
         if self.svd_rank < 1:
             raise ConfigError(f"{section}.svd_rank: got {self.svd_rank}, must be >= 1")
         for pat in self.target_modules:

@@ -219,9 +219,7 @@ def build_delta(
             and (int(index[0].max()) >= rows or int(index[1].max()) >= cols or int(index.min()) < 0)
         )
     ):
-        raise UserError(
-            f"support for {t.key} does not fit a {rows} x {cols} matrix with num_sparse={most}"
-        )
+        raise UserError(f"support for {t.key} does not fit a {rows} x {cols} matrix with num_sparse={most}")
     delta = SparseLowRankDelta(cols, rows, cfg.r, cfg.alpha, index, cfg.dropout)
     delta.reset_parameters(torch.Generator().manual_seed(t.seed(cfg.seed) + 1), cfg.init_a)
     return delta.to(dtype) if dtype is not None else delta
@@ -233,6 +231,11 @@ def inject(
     """Freeze the model and wrap each targeted layer in a DSEELayer. Returns the targets."""
     targets = resolve_targets(model, cfg)
     check_num_sparse(model, targets, cfg)
+    if supports is None and cfg.support == "gradient":
+        raise UserError(
+            "dsee.support gradient needs calibration batches: train with the launcher (it "
+            "chooses it from data), or compute it with adapters.gradient and pass the supports"
+        )
     if supports is None:
         weights = {t.key: target_weight(model, t).detach() for t in targets}
         supports = compute_supports(weights, targets, cfg)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import choose_supports, inject
-from ..adapters.inject import check_num_sparse, resolve_targets
+from ..adapters.inject import check_num_sparse, resolve_targets, target_shape
 from ..checkpoint import format as fmt
 from ..data import ByteTokenizer, Corpus, build_corpus, chat_template_of, micro_batch, packing_mode, to_device
 from ..errors import ConfigError, RunStopped
@@ -112,6 +112,8 @@ class TrainingRun:
         self.model, self.supports, self.inject_s = self.build_model()
         self.corpus = self.load_data()
         self.create_engine()
+        if self.gradient_pending:
+            self.choose_gradient_supports()
         self.start = self.load_checkpoint()
         self.open_logs()
 
@@ -137,6 +139,7 @@ class TrainingRun:
         """The partitioned model with DSEE injected: a custom builder's (fresh pruned runs),
         the checkpoint's supports (resume), or supports chosen now, spread over ranks."""
         exp, t0 = self.exp, time.perf_counter()
+        self.gradient_pending = False
         if self.build is not None and self.resume is None:
             model, supports = self.build(exp, self.ds, self.rank, self.world)
         else:
@@ -144,6 +147,10 @@ class TrainingRun:
             check_num_sparse(model, resolve_targets(model, exp.dsee), exp.dsee)
             if self.resume is not None:
                 supports = ckpt.load_supports(self.resume.root, self.resume.meta["tag"])
+            elif exp.dsee.support == "gradient":  # chosen from data once the engine exists
+                self.gradient_pending = True
+                supports = {t.key: torch.zeros(2, exp.dsee.n_for(*target_shape(model, t)), dtype=torch.long)
+                            for t in resolve_targets(model, exp.dsee)}  # fmt: skip
             else:
                 supports = choose_supports(
                     model,
@@ -159,6 +166,38 @@ class TrainingRun:
         if exp.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         return model, supports, inject_s
+
+    def choose_gradient_supports(self) -> None:
+        """dsee.support gradient: Omega = top N of sum (dL/dW)^2 over the first
+        dsee.gradient_batches micro-batches of the train data (the same on every rank; each rank
+        scores the targets it owns, adapters/gradient.py), written into the injected updates."""
+        from ..adapters import dsee_layers
+        from ..adapters.gradient import squared_gradient_scores, supports_from_scores
+        from ..adapters.inject import Target
+
+        exp, engine, t0 = self.exp, self.engine, time.perf_counter()
+        t = exp.train
+        targets = [Target(name, s) for name, layer in dsee_layers(engine.module) for s, _ in layer.updates()]
+        mine = {x.key for i, x in enumerate(targets) if i % self.world == self.rank}
+        batches = [micro_batch(self.corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)
+                   for s in range(exp.dsee.gradient_batches)]  # fmt: skip
+        engine.eval()
+        scores = squared_gradient_scores(
+            engine.module, targets, batches,
+            lambda b: engine(**to_device(b, engine.device), use_cache=False).loss, mine,
+        )  # fmt: skip
+        engine.train()
+        supports: dict[str, torch.Tensor] = {}
+        for part in comm.all_gather_objects(supports_from_scores(scores, exp.dsee.n_for)):
+            supports.update(part)
+        for name, layer in dsee_layers(engine.module):
+            for s, delta in layer.updates():
+                delta.sparse_index.copy_(supports[Target(name, s).key].to(delta.sparse_index.device))
+        self.supports, self.gradient_pending = supports, False
+        self.inject_s += time.perf_counter() - t0
+        self.digests = comm.all_gather_objects(supports_digest(supports))
+        if len(set(self.digests)) != 1:
+            raise RuntimeError(f"supports differ between ranks: {self.digests}")
 
     def _progress(self, desc: str) -> Callable[[int, int], None] | None:
         if self.rank != 0:
