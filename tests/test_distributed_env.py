@@ -104,3 +104,15 @@ def test_host_names_come_from_scontrol_where_slurm_is_installed(tmp_path, monkey
         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ),
     )  # fmt: skip
     assert r.returncode == 0 and r.stdout == "alpha slots=4\nbeta slots=4\n", r.stderr
+
+
+def test_ranks_on_one_machine_share_its_cores():
+    from dsee_scale.training.distributed import threads_per_rank
+
+    assert threads_per_rank({"LOCAL_SIZE": "2"}, cores=2) == 1  # the DeepSpeed launcher
+    assert threads_per_rank({"LOCAL_WORLD_SIZE": "4"}, cores=16) == 4  # torchrun
+    assert threads_per_rank({"SLURM_NTASKS_PER_NODE": "8(x2)"}, cores=64) == 8  # srun, 2 nodes
+    assert threads_per_rank({"LOCAL_SIZE": "4"}, cores=2) == 1  # never 0
+    assert threads_per_rank({"LOCAL_SIZE": "1"}, cores=2) is None  # one rank: torch's default
+    assert threads_per_rank({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "2"}, cores=2) is None  # the user's
+    assert threads_per_rank({}, cores=2) is None

@@ -56,6 +56,27 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
 
+def threads_per_rank(environ: Mapping[str, str] | None = None, cores: int | None = None) -> int | None:
+    """CPU threads for one of several ranks on this machine: its cores divided among the local
+    ranks (LOCAL_SIZE from the DeepSpeed launcher, LOCAL_WORLD_SIZE from torchrun,
+    SLURM_NTASKS_PER_NODE), or None to keep torch's choice (one rank, or OMP_NUM_THREADS set).
+    torch's default gives every process all cores: two ranks on two cores then ran four
+    threads, and GreBsmo support selection took 3.4x as long as in one process."""
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    local = next(
+        (env[k] for k in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE") if env.get(k)), "1"
+    )
+    try:
+        n_local = int(local.split("(")[0])
+    except ValueError:
+        return None
+    if n_local <= 1:
+        return None
+    return max(1, (cores or os.cpu_count() or 1) // n_local)
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """Slurm's compressed node list as host names, in order ('gpu[01-03,07],cpu5' ->
     gpu01 gpu02 gpu03 gpu07 cpu5; 'rack[1-2]-node[01-02]' -> rack1-node01 rack1-node02

@@ -36,7 +36,7 @@ from ..generation import held_out_samples
 from ..models import load_config, load_tokenizer
 from ..zero import comm
 from . import checkpoint as ckpt
-from .distributed import setup_env
+from .distributed import setup_env, threads_per_rank
 from .engine import (
     build_model,
     create_engine,
@@ -66,6 +66,9 @@ def start_process_group(exp: ExperimentConfig) -> tuple[int, int]:
     Safe to call again (the pruning stage calls it before the run does)."""
     env = setup_env()
     rank, world = comm.init(env.local_rank, env.master_port, exp.train.collective_timeout_s)
+    threads = threads_per_rank() if comm.device().type == "cpu" else None
+    if threads is not None:  # ranks on one machine share its cores (distributed.py)
+        torch.set_num_threads(threads)
     torch.manual_seed(exp.train.seed)
     random.seed(exp.train.seed)
     return rank, world
