@@ -142,7 +142,7 @@ class TrainingRun:
         """The partitioned model with DSEE injected: a custom builder's (fresh pruned runs),
         the checkpoint's supports (resume), or supports chosen now, spread over ranks."""
         exp, t0 = self.exp, time.perf_counter()
-        self.gradient_pending = False
+        self.gradient_pending, self.support_s = False, 0.0
         if self.build is not None and self.resume is None:
             model, supports = self.build(exp, self.ds, self.rank, self.world)
         else:
@@ -155,12 +155,14 @@ class TrainingRun:
                 supports = {t.key: torch.zeros(2, exp.dsee.n_for(*target_shape(model, t)), dtype=torch.long)
                             for t in resolve_targets(model, exp.dsee)}  # fmt: skip
             else:
+                t1 = time.perf_counter()
                 supports = choose_supports(
                     model,
                     resolve_targets(model, exp.dsee),
                     exp.dsee,
                     self._progress(f"supports ({exp.dsee.support})"),
                 )
+                self.support_s = time.perf_counter() - t1
             inject(model, exp.dsee, supports)
         inject_s = 0.0 if self.resume is not None else time.perf_counter() - t0
         self.digests = comm.all_gather_objects(supports_digest(supports))
@@ -197,7 +199,8 @@ class TrainingRun:
             for s, delta in layer.updates():
                 delta.sparse_index.copy_(supports[Target(name, s).key].to(delta.sparse_index.device))
         self.supports, self.gradient_pending = supports, False
-        self.inject_s += time.perf_counter() - t0
+        self.support_s = time.perf_counter() - t0
+        self.inject_s += self.support_s
         self.digests = comm.all_gather_objects(supports_digest(supports))
         if len(set(self.digests)) != 1:
             raise RuntimeError(f"supports differ between ranks: {self.digests}")
@@ -270,7 +273,7 @@ class TrainingRun:
             f"dsee-scale: {self.world} rank(s) on {comm.device()}, ZeRO stage {stage}, "
             f"{self.corpus.describe()}, {self.n_trainable:,} trainable parameters, "
             f"supports {self.digests[0]} (identical on {self.world} ranks, chosen in "
-            f"{self.inject_s:.1f}s)"
+            f"{self.support_s:.1f}s with {torch.get_num_threads()} thread(s) per rank)"
         )
         if self.start == 0:
             self.monitor.scalars(0, {"model/trainable_params": float(self.n_trainable)})
@@ -285,6 +288,8 @@ class TrainingRun:
             "supports_digest": self.digests[0],
             "trainable_params": self.n_trainable,
             "inject_seconds": self.inject_s,
+            "support_seconds": self.support_s,
+            "torch_threads_per_rank": torch.get_num_threads(),
         }
 
     def _truncate_log(self) -> None:
