@@ -24,9 +24,13 @@ shared with the test oracle (tests/reference_grebsmo.py):
     0.65 x 768 on the authors' BERT-base matrices; the cap keeps that ratio on other shapes.
     Without it, LLaMA's 192 x 576 v_proj reaches full rank after 38 rounds, where U V reproduces
     W - S exactly and S collapses to rounding noise.
-It always computes in float64: the top N of a residual of generic (not planted) weights is
-decided by small gaps, and float32 rounding through 75 rounds of QR changed 60-80% of a top-16
-support; in float64 the implementation, the oracle, batched and one-by-one runs agree exactly.
+It always computes in float64 and, on the CPU, with one thread: the hard threshold makes the
+iteration amplify rounding (an entry near the threshold flips in or out of S and changes every
+later round), so float32 changed 60-80% of a top-16 support on generic matrices, and even in
+float64 one vs two BLAS threads changed 3.6% of SmolLM2's q,v support positions (8 of 60
+matrices). With float64 and one thread the implementation, the oracle, batched and one-by-one
+runs, and the launcher on any number of ranks agree exactly. (The launcher spreads matrices
+over ranks, so one thread per selection costs little there; a GPU computes its own rounding.)
 Faster than the literal form:
   * the new rows of V are the first `step` rows of R in QR(E). Householder QR builds those from
     the first `step` columns of E alone, so QR(E[:, :step]) gives them without a full QR of E;
@@ -35,6 +39,8 @@ Faster than the literal form:
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -135,25 +141,9 @@ def select_supports(
             out[name] = torch.zeros(2, 0, dtype=torch.long)
     weights = {k: w for k, w in weights.items() if k not in out}
     if method == "grebsmo":
-        by_shape: dict[tuple, list[str]] = {}
-        for name, w in weights.items():
-            by_shape.setdefault(tuple(w.shape), []).append(name)
-        for shape, names in by_shape.items():
-            per_batch = max(1, batch_bytes // (8 * shape[0] * shape[1] * 6))  # ~6 live float64 copies
-            for i in range(0, len(names), per_batch):
-                chunk = names[i : i + per_batch]
-                S = grebsmo_sparse(
-                    torch.stack([weights[c] for c in chunk]),
-                    [seeds[c] for c in chunk],
-                    rounds=grebsmo_rounds,
-                    threshold=grebsmo_threshold,
-                    rank_fraction=grebsmo_rank_fraction,
-                )
-                for c, s in zip(chunk, S, strict=True):
-                    out[c] = complete_top_n(s, weights[c], want[c])
-                    nnz = int(s.count_nonzero())
-                    if short is not None and nnz < want[c]:
-                        short[c] = nnz
+        with one_cpu_thread():
+            _grebsmo_supports(weights, want, seeds, out, short, grebsmo_rounds, grebsmo_threshold,
+                              grebsmo_rank_fraction, batch_bytes)  # fmt: skip
         return out
     for name, w in weights.items():
         if method == "svd":
@@ -165,3 +155,39 @@ def select_supports(
             flat = torch.randperm(w.numel(), generator=g)[: want[name]]
             out[name] = flat_to_index(flat, w.shape[1])
     return out
+
+
+@contextmanager
+def one_cpu_thread():
+    """torch on one CPU thread inside (restored after): a reproducible reduction order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _grebsmo_supports(
+    weights, want, seeds, out, short, rounds, threshold, rank_fraction, batch_bytes
+) -> None:
+    """GreBsmo supports into `out`, same-shape matrices batched; `short` as in select_supports."""
+    by_shape: dict[tuple, list[str]] = {}
+    for name, w in weights.items():
+        by_shape.setdefault(tuple(w.shape), []).append(name)
+    for shape, names in by_shape.items():
+        per_batch = max(1, batch_bytes // (8 * shape[0] * shape[1] * 6))  # ~6 live float64 copies
+        for i in range(0, len(names), per_batch):
+            chunk = names[i : i + per_batch]
+            S = grebsmo_sparse(
+                torch.stack([weights[c] for c in chunk]),
+                [seeds[c] for c in chunk],
+                rounds=rounds,
+                threshold=threshold,
+                rank_fraction=rank_fraction,
+            )
+            for c, s in zip(chunk, S, strict=True):
+                out[c] = complete_top_n(s, weights[c], want[c])
+                nnz = int(s.count_nonzero())
+                if short is not None and nnz < want[c]:
+                    short[c] = nnz
