@@ -145,3 +145,20 @@ def test_random_support_depends_on_seed_only():
     b = select_supports({"w": W * 2}, 10, "random", {"w": 5})["w"]
     c = select_supports({"w": W}, 10, "random", {"w": 6})["w"]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_grebsmo_support_does_not_depend_on_the_thread_count():
+    """One vs two BLAS threads reduce in another order; the iteration amplifies that (3.6% of
+    SmolLM2's q,v positions moved in float64), so selection runs on one thread, restored after."""
+    weights = {"w": generic(576, 576, 0.02, seed=0)}  # SmolLM2's q_proj shape; differed here
+    seeds = {"w": 0}
+    before = torch.get_num_threads()
+    got = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            got.append(select_supports(weights, 64, "grebsmo", seeds))
+            assert torch.get_num_threads() == threads  # restored
+        finally:
+            torch.set_num_threads(before)
+    assert all(torch.equal(got[0][k], got[1][k]) for k in weights)
