@@ -340,6 +340,15 @@ class Report:
                     if key in r:
                         name = f"GreBsmo support agreement, {label} ({kind}, {r['matrices_timed']} matrices)"
                         rows.append([name, min(r[key]), "1.0", provenance(s)])
+            sl = self.data.get("support_launcher")
+            if sl:
+                for k, r in sl["runs"].items():
+                    name = f"GreBsmo in the launcher, {k} ({r['ranks']} x {r['threads_per_rank']} threads), s"
+                    rows.append([name, r["support_seconds"], "", provenance(sl)])
+                ratio = sl["two_ranks_over_one_process_per_core"]
+                rows.append(["launcher: 2 ranks / 1 process, per core", ratio, "<= 1.5", provenance(sl)])
+                rows.append(["launcher: the same supports in every run", str(sl["same_supports_everywhere"]),
+                             "True", provenance(sl)])  # fmt: skip
             if "s_nonzeros_min" in s:
                 name = f"GreBsmo: fewest non-zeros of S over {s['matrices']} matrices"
                 rows.append([name, s["s_nonzeros_min"], f">= N = {s['num_sparse']}", provenance(s)])

@@ -61,6 +61,7 @@ BENCHES = {
     "export_speed": ([], ["--config", "configs/gpt2-medium-random.yaml"], 5),
     "zero3_scale": ([], None, 4),
     "gguf_speed": ([], None, 20),
+    "support_launcher": ([], None, 4),
     "instruct": (["--seeds", "0,1,2"], ["--steps", "2", "--generate", "3", "--eval-rows", "2"], 60),
 }
 

@@ -76,6 +76,7 @@ def test_bench_bad_arguments_are_one_line_errors():
                 "export_speed",
                 "zero3_scale",
                 "gguf_speed",
+                "support_launcher",
                 "instruct",
             ]
         )
