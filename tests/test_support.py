@@ -90,7 +90,7 @@ def test_fewer_than_n_non_zeros_is_completed_by_magnitude_and_warned():
     left_out = [v for i, v in enumerate(flat_w) if i not in chosen]
     assert min(flat_w[i] for i in rest) >= max(left_out)  # the completion is by magnitude
     cfg = DSEEConfig(num_sparse=30, grebsmo_rounds=5, grebsmo_relative_threshold=1.5)
-    with pytest.warns(UserWarning, match=r"S of m has \d+ non-zeros .* fewer than num_sparse=30"):
+    with pytest.warns(UserWarning, match=r"1 matrices kept fewer than N non-zeros .* \(e.g. m \(\d+\)\)"):
         compute_supports({"m": W}, [Target("m")], cfg)
 
 

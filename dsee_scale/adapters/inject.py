@@ -148,12 +148,15 @@ def check_num_sparse(model: nn.Module, targets: list[Target], cfg: DSEEConfig) -
 
 
 def compute_supports(
-    weights: dict[str, torch.Tensor], targets: list[Target], cfg: DSEEConfig
+    weights: dict[str, torch.Tensor],
+    targets: list[Target],
+    cfg: DSEEConfig,
+    short: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Omega for each target from its (full, gathered) weight, keyed by Target.key. A GreBsmo
-    matrix whose S has fewer than N non-zeros is warned about (its Omega is completed from the
-    largest |W|, support.py)."""
-    short: dict[str, int] = {}
+    """Omega for each target from its (full, gathered) weight, keyed by Target.key. GreBsmo
+    matrices whose S has fewer than N non-zeros (Omega completed by magnitude, support.py) go
+    into `short`, or are warned about here when no `short` is given."""
+    mine: dict[str, int] = {} if short is None else short
     out = select_supports(
         weights,
         {k: cfg.n_for(*w.shape) for k, w in weights.items()},
@@ -163,18 +166,24 @@ def compute_supports(
         grebsmo_threshold=cfg.grebsmo_relative_threshold,
         grebsmo_rank_fraction=cfg.grebsmo_rank_fraction,
         svd_rank=cfg.svd_rank,
-        short=short,
+        short=mine,
     )
-    for key, nnz in short.items():
-        n = cfg.n_for(*weights[key].shape)
-        warnings.warn(
-            f"GreBsmo: S of {key} has {nnz} non-zeros at dsee.grebsmo_relative_threshold="
-            f"{cfg.grebsmo_relative_threshold}, fewer than num_sparse={n}; the other "
-            f"{n - nnz} positions are the largest |W| outside S (lower the threshold "
-            "to let S choose them)",
-            stacklevel=2,
-        )
+    if short is None:
+        warn_short(mine, cfg)
     return out
+
+
+def warn_short(short: dict[str, int], cfg: DSEEConfig) -> None:
+    """One warning for all matrices whose GreBsmo S kept fewer than N non-zeros."""
+    if not short:
+        return
+    examples = ", ".join(f"{k} ({v})" for k, v in list(short.items())[:3])
+    warnings.warn(
+        f"GreBsmo: {len(short)} matrices kept fewer than N non-zeros in S at "
+        f"dsee.grebsmo_relative_threshold={cfg.grebsmo_relative_threshold} (e.g. {examples}); their "
+        "other positions are the largest |W| outside S (a lower threshold lets S choose them)",
+        stacklevel=3,
+    )
 
 
 def choose_supports(
@@ -190,16 +199,18 @@ def choose_supports(
     On one process this is compute_supports on every weight, one at a time."""
     items = [(t, weight_of(base_layer(model, t)), lambda t=t: target_weight(model, t)) for t in targets]
     supports: dict[str, torch.Tensor] = {}
+    short: dict[str, int] = {}
     for done, mine in zero.full_tensors_one_per_rank(items):
         local = {}
         if mine is not None:
             t, w = mine
-            local = {k: v.cpu() for k, v in compute_supports({t.key: w}, [t], cfg).items()}
+            local = {k: v.cpu() for k, v in compute_supports({t.key: w}, [t], cfg, short).items()}
             del w
         for part in comm.all_gather_objects(local):
             supports.update(part)
         if progress is not None:
             progress(done, len(targets))
+    warn_short(short, cfg)  # this rank's matrices
     return supports
 
 
