@@ -90,6 +90,7 @@ def main() -> None:
     timings["gradient"] = time.perf_counter() - t0
     print(f"gradient : {timings['gradient']:.2f}s for {len(targets)} matrices (8 micro-batches)", flush=True)
 
+    cfg.support = "grebsmo"  # (the loop above left it at the last method)
     ref = {}
     for kind in ("q_proj", "v_proj"):
         keys = [t.key for t in targets if t.key.endswith(kind)][: args.reference_matrices]
