@@ -120,15 +120,19 @@ def optimizer_bytes(opt) -> int:
 
 def tune(model, batches, steps: int, lr: float, log_every: int = 0) -> dict:
     """AdamW (no weight decay), constant lr, grad-norm clip 1.0, batch `s % len(batches)` at
-    step s. Returns the losses, step times and optimizer-state bytes."""
+    step s: a tensor of ids (every token a label) or the data module's dict of model inputs.
+    Returns the losses, step times and optimizer-state bytes."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     losses, times = [], []
     for s in range(steps):
-        ids = batches[s % len(batches)]
+        batch = batches[s % len(batches)]
+        inputs = (
+            dict(batch, use_cache=False) if isinstance(batch, dict) else {"input_ids": batch, "labels": batch}
+        )
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

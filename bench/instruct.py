@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import peak_rss_mb, smollm2, write_result
+from common import peak_rss_mb, smollm2, tune, write_result
 
 TARGETS = ["q_proj", "v_proj"]
 BLOCK, BATCH = 512, 2
@@ -65,27 +65,9 @@ def prepare(method: str, model, seed: int):
 def train(model, corpus, steps: int, lr: float) -> dict:
     from dsee_scale.data import micro_batch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    losses, times = [], []
-    for s in range(steps):
-        batch = micro_batch(corpus.train, s, 0, 0, 1, BATCH, BATCH, seed=0)
-        t0 = time.perf_counter()
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-        if (s + 1) % 20 == 0:
-            print(
-                f"  step {s + 1}/{steps}: loss {statistics.mean(losses[-20:]):.4f} ({times[-1]:.2f}s)",
-                flush=True,
-            )
-    model.eval()
-    return {"train_losses": losses, "step_seconds_median": statistics.median(times)}
+    batches = [micro_batch(corpus.train, s, 0, 0, 1, BATCH, BATCH, seed=0) for s in range(steps)]
+    t = tune(model, batches, steps, lr, log_every=20)
+    return {"train_losses": t["losses"], "step_seconds_median": statistics.median(t["step_seconds"])}
 
 
 @torch.no_grad()
