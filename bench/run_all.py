@@ -1,6 +1,6 @@
 """Every benchmark in bench/, then the report: one command.
 
-    python bench/run_all.py            # full: about 1 h 50 min on a 2-core CPU machine (below)
+    python bench/run_all.py            # full: about 2 h 45 min on a 2-core CPU machine (below)
     python bench/run_all.py --quick    # every benchmark, small settings: under 15 minutes
     python bench/run_all.py --gpu      # the GPU benchmark only (bench/gpu_zero3.py)
     python bench/run_all.py --only quality,pruning     # a subset (then the report)
@@ -61,8 +61,8 @@ BENCHES = {
     "export_speed": ([], ["--config", "configs/gpt2-medium-random.yaml"], 5),
     "zero3_scale": ([], None, 4),
     "gguf_speed": ([], None, 20),
-    "support_launcher": ([], None, 4),
-    "instruct": (["--seeds", "0,1,2"], ["--steps", "2", "--generate", "3", "--eval-rows", "2"], 60),
+    "support_launcher": ([], None, 5),
+    "instruct": (["--seeds", "0,1,2"], ["--steps", "2", "--generate", "3", "--eval-rows", "2"], 50),
 }
 
 
