@@ -68,4 +68,4 @@ def merged_from_checkpoint(ckpt_dir: str, tag: str | None) -> tuple[Any, Any, st
             f"generate: {ckpt_dir!r} does not match its model config "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return model.eval(), load_tokenizer(mc), f"checkpoint {ck.dir}/{ck.tag}"
+    return model.eval(), load_tokenizer(mc), f"checkpoint {ck.dir}"
