@@ -53,18 +53,20 @@ def init(local_rank: int, master_port: int, timeout_s: int) -> tuple[int, int]:
             ) from None
         raise
     rank, world = dist.get_rank(), dist.get_world_size()
-    if accelerator.device_name() == "cpu" and world > 1:
-        release_shm_name(rank)
+    if accelerator.device_name() == "cpu":
+        release_shm_name(rank, world)
     return rank, world
 
 
-def release_shm_name(rank: int) -> None:
+def release_shm_name(rank: int, world: int) -> None:
     """DeepSpeed's CPU accelerator gives every rank a 66 MB /dev/shm buffer for its
     shared-memory all-reduce and never unlinks it (shm.cpp never calls shared_close), so each
     multi-rank run on a machine leaves its buffers in RAM-backed /dev/shm: 19 GB after a day of
     tests here. Once every rank has mapped every buffer (init_distributed has returned on all
-    ranks: the barrier), the names are no longer needed; the mappings stay valid until exit."""
-    dist.barrier()
+    ranks: the barrier), the names are no longer needed; the mappings stay valid until exit.
+    (A one-rank `deepspeed --num_gpus 1` run makes one too.)"""
+    if world > 1:
+        dist.barrier()
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     try:
         os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
