@@ -59,13 +59,9 @@ def held_out_samples(data_cfg: Any, n: int) -> list[Sample]:
 
 
 def input_ids(tokenizer: Any, sample: Sample, template: str | None) -> list[int]:
-    from .data.formats import prompt_ids, render_chat
+    from .data.formats import prompt_ids
 
-    if template is None:
-        return prompt_ids(tokenizer, sample.prompt, False, None)
-    messages = sample.messages or [{"role": "user", "content": sample.prompt}]
-    text = render_chat(template, tokenizer, messages, True)
-    return tokenizer([text], add_special_tokens=False)["input_ids"][0]
+    return prompt_ids(tokenizer, sample.prompt, template, sample.messages)
 
 
 def stop_ids(tokenizer: Any, model: Any) -> list[int]:

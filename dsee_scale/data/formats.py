@@ -146,10 +146,11 @@ def tokenize_batch(batch: dict[str, list], tokenizer: Any, fmt: str, template: s
     return out
 
 
-def prompt_ids(tokenizer: Any, prompt: str, chat: bool, template: str | None) -> list[int]:
-    """The ids a generation starts from, tokenized exactly as training tokenized prompts."""
-    if not chat:
+def prompt_ids(tokenizer: Any, prompt: str, template: str | None, messages: list[dict] | None = None) -> list[int]:
+    """The ids a generation starts from, tokenized exactly as training tokenized prompts: the
+    prompt with special tokens, or (with a chat template) the conversation so far (default: the
+    prompt as one user turn) rendered up to the generation prompt."""
+    if template is None:
         return _ids(tokenizer, [prompt], True)[0]
-    assert template is not None
-    text = render_chat(template, tokenizer, [{"role": "user", "content": prompt}], True)
+    text = render_chat(template, tokenizer, messages or [{"role": "user", "content": prompt}], True)
     return _ids(tokenizer, [text], False)[0]

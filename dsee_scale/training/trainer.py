@@ -165,12 +165,16 @@ class TrainingRun:
                 self.support_s = time.perf_counter() - t1
             inject(model, exp.dsee, supports)
         inject_s = 0.0 if self.resume is not None else time.perf_counter() - t0
-        self.digests = comm.all_gather_objects(supports_digest(supports))
-        if len(set(self.digests)) != 1:
-            raise RuntimeError(f"supports differ between ranks: {self.digests}")
+        self.check_supports_agree(supports)
         if exp.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         return model, supports, inject_s
+
+    def check_supports_agree(self, supports: dict[str, torch.Tensor]) -> None:
+        """Every rank holds the same supports (their digests, gathered)."""
+        self.digests = comm.all_gather_objects(supports_digest(supports))
+        if len(set(self.digests)) != 1:
+            raise RuntimeError(f"supports differ between ranks: {self.digests}")
 
     def choose_gradient_supports(self) -> None:
         """dsee.support gradient: Omega = top N of sum (dL/dW)^2 over the first
@@ -201,9 +205,7 @@ class TrainingRun:
         self.supports, self.gradient_pending = supports, False
         self.support_s = time.perf_counter() - t0
         self.inject_s += self.support_s
-        self.digests = comm.all_gather_objects(supports_digest(supports))
-        if len(set(self.digests)) != 1:
-            raise RuntimeError(f"supports differ between ranks: {self.digests}")
+        self.check_supports_agree(supports)
 
     def _progress(self, desc: str) -> Callable[[int, int], None] | None:
         if self.rank != 0:
