@@ -118,10 +118,11 @@ def optimizer_bytes(opt) -> int:
     )
 
 
-def tune(model, batches, steps: int, lr: float, log_every: int = 0) -> dict:
+def tune(model, batches, steps: int, lr: float, log_every: int = 0, bf16_autocast: bool = False) -> dict:
     """AdamW (no weight decay), constant lr, grad-norm clip 1.0, batch `s % len(batches)` at
     step s: a tensor of ids (every token a label) or the data module's dict of model inputs.
-    Returns the losses, step times and optimizer-state bytes."""
+    `bf16_autocast`: forward under torch.autocast (bf16 matmuls, fp32 weights and optimizer;
+    1.6x faster on a CPU with AMX). Returns the losses, step times and optimizer-state bytes."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
@@ -132,7 +133,8 @@ def tune(model, batches, steps: int, lr: float, log_every: int = 0) -> dict:
             dict(batch, use_cache=False) if isinstance(batch, dict) else {"input_ids": batch, "labels": batch}
         )
         t0 = time.perf_counter()
-        loss = model(**inputs).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+            loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -143,6 +145,71 @@ def tune(model, batches, steps: int, lr: float, log_every: int = 0) -> dict:
             print(f"  step {s + 1}/{steps}: loss {losses[-1]:.4f} ({times[-1]:.2f}s)", flush=True)
     model.eval()
     return {"losses": losses, "step_seconds": times, "optimizer_state_bytes": optimizer_bytes(opt)}
+
+
+@torch.no_grad()
+def block_losses(model, eval_ids: torch.Tensor, batch: int = 4) -> list[float]:
+    """Mean token loss of each held-out block on its own (fp32): the unit of paired comparisons."""
+    model.eval()
+    out: list[float] = []
+    for i in range(0, eval_ids.shape[0], batch):
+        ids = eval_ids[i : i + batch]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        out += nll.mean(dim=1).tolist()
+    return out
+
+
+def manpages_corpus(tokenizer, block: int = 256, percent: int = 6):
+    """Prose: this system's manual pages (sections 1, 5, 7, 8), rendered to plain text by man(1),
+    one file per page, a stable `percent`% sample of the pages split by page name (1 in 10
+    held out); packed blocks built by the framework's data module, as `launchers/train.py` does."""
+    import hashlib
+    import shutil
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dsee_scale.data import build_corpus
+    from dsee_scale.experiment import DataConfig
+
+    root = Path.home() / ".cache" / "dsee_scale" / f"manpages_{percent}"
+    if not (root / "train").is_dir():
+        pages = sorted(p for s in "1578" for p in Path("/usr/share/man", f"man{s}").glob("*.gz"))
+        h = {p: int(hashlib.sha1(p.name.encode()).hexdigest(), 16) for p in pages}
+        pick = [p for p in pages if h[p] % 100 < percent]
+        if not pick:
+            raise SystemExit(
+                "error: no manual pages under /usr/share/man/man{1,5,7,8} (install man-db and manpages)"
+            )
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+        def render(p: Path) -> None:
+            env = dict(os.environ, MANWIDTH="80", LC_ALL="C.UTF-8")
+            r = subprocess.run(f"man -l {shlex_quote(str(p))} 2>/dev/null | col -bx", shell=True,
+                               capture_output=True, text=True, env=env, errors="replace")  # fmt: skip
+            if r.stdout.count("\n") >= 20:  # a real page, not a stub or a failed .so link
+                split = "heldout" if (h[p] // 100) % 10 == 0 else "train"
+                (tmp / split / (p.name.removesuffix(".gz") + ".txt")).write_text(r.stdout)
+
+        for split in ("train", "heldout"):
+            (tmp / split).mkdir(parents=True)
+        print(f"rendering {len(pick)} manual pages to {root}", flush=True)
+        with ThreadPoolExecutor(4) as ex:
+            list(ex.map(render, pick))
+        tmp.rename(root)
+    cfg = DataConfig(
+        train_files=[str(root / "train" / "*.txt")],
+        eval_files=[str(root / "heldout" / "*.txt")],
+        block_size=block,
+    )
+    return build_corpus(cfg, tokenizer)
+
+
+def shlex_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
 
 
 @torch.no_grad()

@@ -79,6 +79,26 @@ def test_forward_and_gradients_match_dense_reference(kind, slices):
     assert layer.base_layer.weight.grad is None  # frozen
 
 
+def test_autocast_bf16_matches_fp32_within_bf16_precision():
+    """Mixed precision (torch.autocast, as AMP training runs): the update computes in bf16 like
+    the base layer's matmul, gradients reach the fp32 A, B and S values, and they agree with the
+    fp32 computation to bf16 precision (a mismatched dtype used to stop the forward)."""
+    layer = make_layer("linear")
+    x = torch.randn(3, 5, IN)
+    w = torch.randn(3, 5, OUT)
+    (layer(x).float() * w).sum().backward()
+    want = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    (y.float() * w).sum().backward()
+    for n, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad.dtype == torch.float32, n
+            torch.testing.assert_close(p.grad, want[n], rtol=0.05, atol=0.05 * want[n].abs().max().item())
+
+
 def test_no_dense_out_by_in_tensor_in_autograd_graph():
     """S x never saves a dense out x in tensor for backward (mask, dense S or its gradient)."""
     layer = make_layer("linear")

@@ -57,10 +57,15 @@ class _SparseLowRankUpdate(torch.autograd.Function):
 
 
 def sparse_low_rank_update(x, A, B, values, index, scaling: float) -> torch.Tensor:
-    """(alpha/r)(B A x + S x) for S = (values at index=[rows; cols]); x is (..., in)."""
-    return _SparseLowRankUpdate.apply(
-        x, A.to(x.dtype), B.to(x.dtype), values.to(x.dtype), index[0], index[1], scaling
-    )
+    """(alpha/r)(B A x + S x) for S = (values at index=[rows; cols]); x is (..., in).
+    Under torch.autocast it computes in the autocast dtype (as autocast's own matmuls do), with
+    autocast off inside: forward and backward then see one dtype, as custom_fwd(cast_inputs) does."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    with torch.autocast(dev, enabled=False):
+        return _SparseLowRankUpdate.apply(
+            x.to(dtype), A.to(dtype), B.to(dtype), values.to(dtype), index[0], index[1], scaling
+        )
 
 
 class SparseLowRankDelta(nn.Module):

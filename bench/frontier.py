@@ -1,0 +1,355 @@
+"""The quality frontier: DSEE against LoRA at equal trainable parameters, with error bars.
+
+    python bench/frontier.py                 # run what is missing, then write frontier.json
+    python bench/frontier.py --report-only   # only (re)write bench/results/frontier.json
+    python bench/frontier.py --cells stdlib:qv --seeds 0 --steps 4   # a smoke run
+
+Model: SmolLM2-135M-Instruct (fp32 weights; training forward under bf16 autocast, fp32 AdamW
+state; evaluation in fp32). Corpora (cells = corpus x target set):
+  stdlib   Python standard-library source, split by module (bench/common.stdlib_corpus)
+  man      this machine's manual pages rendered to text, split by page (common.manpages_corpus)
+Target sets: qv = q_proj, v_proj; all = the seven linear layers of every block.
+Methods at equal trainable parameters (alpha = 2r everywhere, the same scale):
+  LoRA r           PEFT LoRA, r in --lora-ranks                       r (in + out) per matrix
+  DSEE r+k         DSEE rank r plus a GreBsmo sparse part with as many non-zeros as k more
+                   LoRA ranks: dsee.sparse_density = k sum(in + out) / sum(in x out) over the
+                   targets, so DSEE r+k has LoRA (r + k)'s trainable count (to rounding).
+Learning rate: for each cell a sweep over --lrs at seed 0 on one anchor per method (LoRA r=4,
+DSEE 2+2); every run of that method in the cell uses the anchor's best lr.
+Seeds: each seed changes the adapter initialisation and the data order (the same order for
+every method at that seed). GreBsmo's support is computed once per cell from the frozen W with
+DSEEConfig.seed 0 (it depends on W, not on the training seed).
+Comparison: DSEE r+k against LoRA r+k, per held-out block and seed (paired): the mean
+difference of the block's mean token loss, a two-level bootstrap (seeds, then blocks) 95%
+interval, and the perplexity ratio exp(difference).
+Every run is appended to bench/results/frontier_runs.jsonl as it finishes; a rerun skips runs
+already there (same cell, method, ranks, lr, seed, steps, batch), so the bench can be stopped
+and resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import statistics
+import time
+
+import torch
+
+from common import (
+    RESULTS,
+    block_losses,
+    manpages_corpus,
+    peak_rss_mb,
+    smollm2,
+    stdlib_corpus,
+    tune,
+    write_result,
+)
+
+TARGET_SETS = {
+    "qv": ["q_proj", "v_proj"],
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+CORPORA = {"stdlib": stdlib_corpus, "man": manpages_corpus}
+LORA_ANCHOR, DSEE_ANCHOR = 4, (2, 2)
+DSEE_GRID = [(2, 2), (1, 3), (8, 8), (4, 12)]  # (r, k): matched to LoRA 4 and LoRA 16
+BLOCK = 256
+RUNS = RESULTS / "frontier_runs.jsonl"
+
+
+def run_key(run: dict) -> tuple:
+    return tuple(run[k] for k in ("cell", "method", "r", "k", "lr", "seed", "steps", "batch"))
+
+
+def done_runs() -> dict[tuple, dict]:
+    if not RUNS.exists():
+        return {}
+    runs = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    return {run_key(r): r for r in runs}
+
+
+def linear_dims(model, targets: list[str]) -> list[tuple[int, int]]:
+    return [
+        (m.out_features, m.in_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets
+    ]
+
+
+def density_for(model, targets: list[str], k: int) -> float:
+    dims = linear_dims(model, targets)
+    return k * sum(o + i for o, i in dims) / sum(o * i for o, i in dims)
+
+
+def grebsmo_supports(model, targets: list[str], densities: list[float]) -> dict[float, dict]:
+    """GreBsmo's S once per matrix (as `inject` computes it: DSEEConfig.seed 0, float64, one
+    thread, same-shape batches), then Omega = complete_top_n for each density."""
+    from dsee_scale.adapters import DSEEConfig
+    from dsee_scale.adapters.inject import resolve_targets, target_weight
+    from dsee_scale.adapters.support import complete_top_n, grebsmo_sparse, one_cpu_thread
+
+    cfg = DSEEConfig(target_modules=targets, seed=0)
+    ts = resolve_targets(model, cfg)
+    out: dict[float, dict] = {d: {} for d in densities}
+    t0 = time.perf_counter()
+    with one_cpu_thread():
+        for i, t in enumerate(ts):
+            w = target_weight(model, t).detach()
+            S = grebsmo_sparse(
+                w[None],
+                [t.seed(0)],
+                rounds=cfg.grebsmo_rounds,
+                threshold=cfg.grebsmo_relative_threshold,
+                rank_fraction=cfg.grebsmo_rank_fraction,
+            )[0]
+            for d in densities:
+                out[d][t.key] = complete_top_n(S, w, DSEEConfig(sparse_density=d).n_for(*w.shape))
+            if (i + 1) % 20 == 0:
+                print(f"  GreBsmo {i + 1}/{len(ts)} matrices ({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(f"  GreBsmo supports for {len(ts)} matrices in {time.perf_counter() - t0:.0f}s", flush=True)
+    return out
+
+
+def prepare(model, method: str, r: int, k: int, targets: list[str], seed: int, supports: dict | None):
+    from peft import LoraConfig, get_peft_model
+
+    from dsee_scale.adapters import DSEEConfig, inject
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)
+    if method == "lora":
+        return get_peft_model(
+            model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets)
+        )
+    d = density_for(model, targets, k)
+    inject(model, DSEEConfig(r=r, alpha=2 * r, sparse_density=d, target_modules=targets, seed=seed), supports)
+    return model
+
+
+class Cell:
+    """One corpus x target set: its data, its supports and its runs."""
+
+    def __init__(self, name: str, base, tok, args):
+        self.name, self.base, self.args = name, base, args
+        corpus_name, tset = name.split(":")
+        self.targets = TARGET_SETS[tset]
+        corpus = CORPORA[corpus_name](tok, BLOCK)
+        self.eval_ids = corpus.eval.rows(range(min(args.eval_blocks, len(corpus.eval))))["input_ids"]
+        self.train = corpus.train
+        self._supports: dict | None = None
+
+    def batches(self, seed: int) -> list:
+        from dsee_scale.data import micro_batch
+
+        b = self.args.batch
+        return [
+            micro_batch(self.train, s, 0, 0, 1, b, b, seed=seed)["input_ids"] for s in range(self.args.steps)
+        ]
+
+    def supports(self) -> dict:
+        if self._supports is None:
+            ds = [density_for(self.base, self.targets, k) for _, k in DSEE_GRID]
+            self._supports = grebsmo_supports(self.base, self.targets, ds)
+        return self._supports
+
+    def run(self, method: str, r: int, k: int, lr: float, seed: int, done: dict) -> dict:
+        a = self.args
+        spec = dict(cell=self.name, method=method, r=r, k=k, lr=lr, seed=seed, steps=a.steps, batch=a.batch)
+        if run_key(spec) in done:
+            return done[run_key(spec)]
+        model = copy.deepcopy(self.base)
+        sup = None
+        if method == "dsee":
+            sup = self.supports()[density_for(self.base, self.targets, k)]
+        t0 = time.perf_counter()
+        model = prepare(model, method, r, k, self.targets, seed, sup)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        t = tune(model, self.batches(seed), a.steps, lr, bf16_autocast=True) if a.steps else {"losses": []}
+        losses = block_losses(model, self.eval_ids)
+        run = dict(
+            spec,
+            trainable=trainable,
+            density=density_for(self.base, self.targets, k) if method == "dsee" else 0.0,
+            eval_loss=statistics.fmean(losses),
+            heldout_perplexity=math.exp(statistics.fmean(losses)),
+            block_losses=losses,
+            train_losses=t["losses"],
+            seconds=time.perf_counter() - t0,
+        )
+        with RUNS.open("a") as f:
+            f.write(json.dumps(run) + "\n")
+        done[run_key(run)] = run
+        label = f"LoRA r={r}" if method == "lora" else f"DSEE {r}+{k}"
+        print(
+            f"[{self.name}] {label} lr {lr:g} seed {seed}: {trainable:,} trainable, held-out ppl "
+            f"{run['heldout_perplexity']:.4f} ({run['seconds']:.0f}s)",
+            flush=True,
+        )
+        del model
+        return run
+
+    def best_lr(self, method: str, r: int, k: int, done: dict) -> float:
+        runs = [self.run(method, r, k, lr, 0, done) for lr in self.args.lrs]
+        return min(runs, key=lambda x: x["eval_loss"])["lr"]
+
+    def all_runs(self, done: dict) -> None:
+        lr_lora = self.best_lr("lora", LORA_ANCHOR, 0, done)
+        lr_dsee = self.best_lr("dsee", *DSEE_ANCHOR, done)
+        print(f"[{self.name}] best lr: LoRA {lr_lora:g}, DSEE {lr_dsee:g}", flush=True)
+        for seed in self.args.seeds:
+            for r in self.args.lora_ranks:
+                self.run("lora", r, 0, lr_lora, seed, done)
+            for r, k in DSEE_GRID:
+                self.run("dsee", r, k, lr_dsee, seed, done)
+
+
+def base_run(cell: Cell, done: dict) -> dict:
+    """The untuned model on this cell's held-out blocks (steps 0)."""
+    spec = dict(cell=cell.name, method="base", r=0, k=0, lr=0.0, seed=0, steps=0, batch=0)
+    if run_key(spec) in done:
+        return done[run_key(spec)]
+    losses = block_losses(cell.base, cell.eval_ids)
+    run = dict(spec, trainable=0, density=0.0, eval_loss=statistics.fmean(losses),
+               heldout_perplexity=math.exp(statistics.fmean(losses)), block_losses=losses)  # fmt: skip
+    with RUNS.open("a") as f:
+        f.write(json.dumps(run) + "\n")
+    done[run_key(run)] = run
+    print(f"[{cell.name}] base: held-out ppl {run['heldout_perplexity']:.4f}", flush=True)
+    return run
+
+
+# -- analysis --------------------------------------------------------------------------------
+def paired(a: list[dict], b: list[dict], reps: int = 4000) -> dict:
+    """Mean of (a - b) block losses over seeds present in both, with a two-level bootstrap 95%
+    interval (resample seeds, then blocks with the same indices for every seed)."""
+    sa, sb = {x["seed"]: x["block_losses"] for x in a}, {x["seed"]: x["block_losses"] for x in b}
+    seeds = sorted(set(sa) & set(sb))
+    diffs = [[p - q for p, q in zip(sa[s], sb[s], strict=True)] for s in seeds]
+    n = len(diffs[0])
+    mean = statistics.fmean(v for d in diffs for v in d)
+    rng = random.Random(0)
+    boots = []
+    for _ in range(reps):
+        ss = [diffs[rng.randrange(len(seeds))] for _ in seeds]
+        idx = [rng.randrange(n) for _ in range(n)]
+        boots.append(statistics.fmean(d[i] for d in ss for i in idx))
+    boots.sort()
+    lo, hi = boots[int(0.025 * reps)], boots[int(0.975 * reps) - 1]
+    per_seed = [statistics.fmean(d) for d in diffs]
+    return {
+        "seeds": seeds,
+        "blocks": n,
+        "mean_loss_difference": mean,
+        "ci95": [lo, hi],
+        "per_seed": per_seed,
+        "perplexity_ratio": math.exp(mean),
+        "perplexity_ratio_ci95": [math.exp(lo), math.exp(hi)],
+        "verdict": "DSEE better" if hi < 0 else "LoRA better" if lo > 0 else "no difference beyond noise",
+    }
+
+
+def summarize(runs: list[dict], cells: list[str], seeds: list[int]) -> dict:
+    out: dict = {}
+    for cell in cells:
+        rs = [r for r in runs if r["cell"] == cell]
+        if not rs:
+            continue
+        base = next((r for r in rs if r["method"] == "base"), None)
+        sweep = {}
+        for method, (r, k) in (("lora", (LORA_ANCHOR, 0)), ("dsee", DSEE_ANCHOR)):
+            pts = {
+                x["lr"]: x["heldout_perplexity"]
+                for x in rs
+                if (x["method"], x["r"], x["k"], x["seed"]) == (method, r, k, 0)
+            }
+            sweep[method] = {"anchor": f"r={r}" + (f"+{k}" if k else ""), "perplexity_by_lr": pts,
+                             "best_lr": min(pts, key=pts.get) if pts else None}  # fmt: skip
+        points = []
+        groups: dict[tuple, list[dict]] = {}
+        for x in rs:
+            if x["method"] != "base" and x["lr"] == sweep[x["method"]]["best_lr"] and x["seed"] in seeds:
+                groups.setdefault((x["method"], x["r"], x["k"]), []).append(x)
+        for (method, r, k), g in sorted(groups.items()):
+            ppl = [x["heldout_perplexity"] for x in g]
+            label = f"LoRA r={r}" if method == "lora" else f"DSEE {r}+{k}"
+            points.append({
+                "method": method, "r": r, "k": k, "label": label,
+                "trainable": g[0]["trainable"], "density": g[0]["density"], "lr": g[0]["lr"],
+                "seeds": sorted(x["seed"] for x in g), "perplexity_mean": statistics.fmean(ppl),
+                "perplexity_sd": statistics.stdev(ppl) if len(ppl) > 1 else None,
+                "seconds_mean": statistics.fmean(x["seconds"] for x in g),
+            })  # fmt: skip
+        comparisons = []
+        for (method, r, k), g in sorted(groups.items()):
+            if method == "dsee" and ("lora", r + k, 0) in groups:
+                c = paired(g, groups[("lora", r + k, 0)])
+                comparisons.append({"dsee": f"DSEE {r}+{k}", "lora": f"LoRA r={r + k}", **c})
+        out[cell] = {
+            "base_perplexity": base["heldout_perplexity"] if base else None,
+            "lr_sweep": sweep,
+            "points": points,
+            "paired": comparisons,
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", default="stdlib:qv,man:qv,stdlib:all,man:all")
+    ap.add_argument("--steps", type=int, default=36)
+    ap.add_argument("--batch", type=int, default=2, help="rows of 256 tokens per step")
+    ap.add_argument("--eval-blocks", type=int, default=32)
+    ap.add_argument("--lrs", default="3e-4,1e-3,3e-3")
+    ap.add_argument("--lora-ranks", default="2,4,8,16,32")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    args.lrs = [float(x) for x in args.lrs.split(",")]
+    args.lora_ranks = [int(x) for x in args.lora_ranks.split(",")]
+    args.seeds = [int(x) for x in args.seeds.split(",")]
+    cells = args.cells.split(",")
+    bad = [c for c in cells if c.split(":")[0] not in CORPORA or c.partition(":")[2] not in TARGET_SETS]
+    if bad:
+        raise SystemExit(f"error: --cells: unknown {', '.join(bad)} (corpus:targets, corpus in "
+                         f"{', '.join(CORPORA)}, targets in {', '.join(TARGET_SETS)})")  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    done = done_runs()
+    t0 = time.perf_counter()
+    if not args.report_only:
+        base, tok = smollm2()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        for name in cells:
+            cell = Cell(name, base, tok, args)
+            base_run(cell, done)
+            cell.all_runs(done)
+    runs = [r for r in done.values() if r["steps"] in (0, args.steps) and r["batch"] in (0, args.batch)]
+    write_result(
+        "frontier",
+        {
+            "model": "SmolLM2-135M-Instruct (GGUF dequantized to fp32; bf16 autocast in training)",
+            "steps": args.steps,
+            "batch": [args.batch, BLOCK],
+            "tokens_per_run": args.steps * args.batch * BLOCK,
+            "eval": {"blocks": args.eval_blocks, "block_size": BLOCK},
+            "lrs": args.lrs,
+            "lora_ranks": args.lora_ranks,
+            "dsee_grid": [f"{r}+{k}" for r, k in DSEE_GRID],
+            "seeds": args.seeds,
+            "cells": summarize(runs, cells, args.seeds),
+            "runs_file": str(RUNS.relative_to(RESULTS.parent.parent))
+            if RUNS.is_relative_to(RESULTS.parent.parent)
+            else str(RUNS),
+            "wall_seconds_this_invocation": time.perf_counter() - t0,
+            "peak_rss_mb": peak_rss_mb(),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
