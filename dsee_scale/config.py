@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -94,6 +95,9 @@ def _convert(value: Any, tp, key: str):
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ConfigError(f"{key}: got the number {value!r}, expected a string; quote it in YAML "
+                              "(YAML reads 2:4 as the base-60 number 124)")  # fmt: skip
     raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}")
 
 
@@ -147,6 +151,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if re.fullmatch(r"\d+:\d+", raw.strip()):  # 2:4 is a pattern, not YAML 1.1's base-60 124
+            value = raw.strip()
         node = data
         parts = dotted.split(".")
         for p in parts[:-1]:

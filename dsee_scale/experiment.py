@@ -158,7 +158,8 @@ class PruneConfig:
     head_score: Literal["dsee", "weight", "dsee+weight", "activation"] = "dsee"
     channel_score: Literal["weight", "activation"] = "weight"
     ratio: float = 0.5  # unstructured: share of the chosen weights set to zero
-    scope: Literal["global", "layer"] = "global"
+    scope: Literal["global", "layer", "row"] = "global"  # unstructured: where scores are compared
+    nm: str | None = None  # unstructured N:M pattern, e.g. "2:4" (ratio must then be 1 - N/M)
     score: Literal["magnitude", "abs", "wabs", "wanda"] = "wabs"
     calibration_batches: int = 4  # activation / wanda scores: micro-batches of the train data
     targets: list[str] = field(default_factory=list)  # unstructured: patterns (default: all block linears)
@@ -170,6 +171,22 @@ class PruneConfig:
             raise ConfigError(f"{section}: heads_per_layer and channels_per_layer must be >= 0")
         if self.calibration_batches < 1:
             raise ConfigError(f"{section}.calibration_batches: must be >= 1")
+        if self.nm is not None:
+            from .pruning.unstructured import parse_nm
+
+            try:
+                n, m = parse_nm(str(self.nm))
+            except ValueError as e:
+                raise ConfigError(f"{section}.nm: {e}") from None
+            if self.kind != "unstructured":
+                raise ConfigError(
+                    f"{section}.nm: an N:M pattern is unstructured pruning; set {section}.kind: unstructured"
+                )
+            if abs(self.ratio - (1 - n / m)) > 1e-9:
+                raise ConfigError(
+                    f"{section}.ratio: got {self.ratio}, but {section}.nm {self.nm} prunes {1 - n / m:g} "
+                    f"(set ratio: {1 - n / m:g}, or leave nm unset)"
+                )
         if self.kind == "structured" and not (self.heads_per_layer or self.channels_per_layer):
             raise ConfigError(
                 f"{section}: structured pruning needs heads_per_layer or channels_per_layer > 0"

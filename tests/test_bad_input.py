@@ -51,6 +51,9 @@ CASES = [  # (overrides or extra args, files, what the message must name)
     (["deepspeed=ds_configs/zero3_offload_nvme.json"], None, "nvme_path"),
     (["--resume"], None, "no checkpoint"),
     (["prune.kind=unstructured", "prune.ratio=1.5"], None, "prune.ratio"),
+    (["prune.kind=unstructured", "prune.nm=2:4", "prune.ratio=0.3"], None, "prune.nm 2:4 prunes 0.5"),
+    (["prune.kind=unstructured", "prune.nm=4:2"], None, "prune.nm: N:M pattern '4:2': needs 0 < N < M"),
+    (["prune.kind=unstructured", "prune.nm=[2,4]"], None, "prune.nm: got [2, 4], expected a string"),
 ]
 
 

@@ -155,7 +155,7 @@ def test_a_requeued_retune_on_the_same_ranks_keeps_the_pruned_weights(tuned):
     load), so the run continues exactly as the uninterrupted one."""
     cfg, ckpt, _ = tuned["llama"]
     root = tuned["root"]
-    args = ("prune.kind=unstructured", "prune.ratio=0.5", "prune.scope=layer", "train.max_steps=4")
+    args = ("prune.kind=unstructured", "prune.ratio=0.5", "prune.scope=row", "train.max_steps=4")
     prune(cfg, ckpt, root / "requeue-full", 1, *args)
     prune(cfg, ckpt, root / "requeue", 1, *args, "train.stop_at_step=2")
     check(launch(ROOT / "launchers" / "prune.py", 1, "--resume", f"output_dir={root / 'requeue'}",
@@ -171,6 +171,27 @@ def test_a_requeued_retune_on_the_same_ranks_keeps_the_pruned_weights(tuned):
     assert a.tag == b.tag == "step_4"
     for name in a.frozen_shapes:
         assert torch.equal(a.tensor(name), b.tensor(name)), name
+
+
+def test_nm_pattern_through_the_launcher(tuned):
+    """prune.nm=2:4 (typed as a user would: YAML 1.1 would read 2:4 as 124): every group of four
+    consecutive inputs of every block matrix keeps two weights, in the retuned checkpoint."""
+    cfg, ckpt, _ = tuned["llama"]
+    out = tuned["root"] / "nm"
+    _, plan = prune(cfg, ckpt, out, 1, "prune.kind=unstructured", "prune.nm=2:4", "prune.score=magnitude",
+                    "train.max_steps=1")  # fmt: skip
+    assert plan["weight_sparsity"] == pytest.approx(0.5)
+    ck = ZeroCheckpoint(out / "checkpoints")
+    names = [
+        n
+        for n in ck.frozen_shapes
+        if ".layers." in n and n.endswith("weight") and len(ck.frozen_shapes[n]) == 2
+    ]
+    assert names
+    for n in names:
+        w = ck.tensor(n).float()
+        zeros = (w.reshape(w.shape[0], -1, 4) == 0).sum(-1)
+        assert (zeros == 2).all(), n
 
 
 def test_gradual_schedule_by_pruning_a_pruned_run_again(tuned):

@@ -231,8 +231,9 @@ def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationS
         layers = U.prunable(b, pc.targets or ["*"])
         norms = None if stats is None else {k: v.sqrt() for k, v in stats["blocks"][i]["sq"].items()}
         per_block[i] = U.scores(layers, pc.score, norms)
-    if pc.scope == "layer":
-        return {i: U.masks(s, pc.ratio, "layer") for i, s in per_block.items()}
+    if pc.nm is not None or pc.scope != "global":  # decided inside each matrix
+        nm = U.parse_nm(pc.nm) if pc.nm is not None else None
+        return {i: U.masks(s, pc.ratio, pc.scope, nm) for i, s in per_block.items()}
     flat = {f"{i}/{k}": v for i, s in per_block.items() for k, v in s.items()}
     keep = U.masks(flat, pc.ratio, "global")
     out: dict[int, dict[str, torch.Tensor]] = {}

@@ -5,11 +5,17 @@ Scores of each weight entry (out x in):
   abs:       |(alpha/r)(BA + S)| on DSEE-targeted rows, |W| elsewhere (the authors' "ABS")
   wabs:      |W + (alpha/r)(BA + S)| on targeted rows, |W| elsewhere ("WABS")
   wanda:     |W| x ||x_j||_2, the input column's norm over calibration tokens (Sun et al. 2023)
-Masks keep the top (1 - ratio) of the scores, pooled over all chosen matrices ("global") or in
-each matrix ("layer"). Applying a mask zeroes W; W is frozen, so the zeros stay through
-re-tuning and checkpoints. The update (alpha/r)(BA + S) is dense on its rows, so merging refills
-zeros: `sparsity_report` tells the real sparsity of the merged weights, and
-`mask_merged` prunes the merged weights again.
+Masks keep the top (1 - ratio) of the scores, pooled over all chosen matrices ("global"), in each
+matrix ("layer") or in each output row of each matrix ("row": Wanda's comparison group, which its
+authors show is much better than a global ranking on LLMs). An N:M pattern (`nm=(2, 4)`) keeps
+the N highest scores of every M consecutive input columns of each row, the layout sparse tensor
+cores run (sparsity 1 - N/M). ABS scores are relative to their matrix: a DSEE update is orders
+of magnitude smaller than W, so raw |update| pooled globally with |W| elsewhere would prune every
+targeted row first; each part (a targeted slice's |update|, a matrix's |W|) is divided by its
+median (robust to the few large S entries among the small B A ones).
+Applying a mask zeroes W; W is frozen, so the zeros stay through re-tuning and checkpoints. The
+update (alpha/r)(BA + S) is dense on its rows, so merging refills zeros: `sparsity_report` tells
+the real sparsity of the merged weights, and `mask_merged` prunes the merged weights again.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from ..adapters.layer import BASE, DSEELayer, is_dsee_name, slice_bounds, unwrap
 from ..archs import arch_of
 
 UNSTRUCTURED_SCORES = ("magnitude", "abs", "wabs", "wanda")
+SCOPES = ("global", "layer", "row")
 
 
 def prunable(model, patterns: list[str] | None = None) -> dict[str, nn.Module]:
@@ -85,6 +92,14 @@ def scores(
         if method in ("abs", "wabs") and isinstance(layer, DSEELayer):
             rows, d = _targeted_rows(layer), dense_update(layer)
             s[rows] = (d if method == "abs" else w + d)[rows].abs()
+            if method == "abs":
+                for name_ in layer.dsee:  # each update slice relative to its own scale
+                    lo, hi = slice_bounds(layer.base_layer, name_)
+                    s[lo:hi] = _relative(s[lo:hi])
+                if not rows.all():
+                    s[~rows] = _relative(s[~rows])
+        elif method == "abs":
+            s = _relative(s)
         elif method == "wanda":
             if input_norms is None or name not in input_norms:
                 raise ValueError("wanda scores need input norms from calibration batches")
@@ -114,14 +129,40 @@ def input_norms(model, layers: dict[str, nn.Module], batches) -> dict[str, torch
     return {k: v.sqrt() for k, v in sq.items()}
 
 
-def masks(score: dict[str, torch.Tensor], ratio: float, scope: str = "global") -> dict[str, torch.Tensor]:
-    """Boolean keep-masks removing `ratio` of the entries (ties: the lower flat index is kept)."""
+def _relative(s: torch.Tensor) -> torch.Tensor:
+    """Scores divided by their median (or their mean where the median is 0; zeros stay zero)."""
+    scale = s.median()
+    if scale <= 0:
+        scale = s.mean()
+    return s / scale if scale > 0 else s
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """ "2:4" -> (2, 4); ValueError unless 0 < N < M."""
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"N:M pattern {text!r}: write it as two integers, e.g. 2:4") from None
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern {text!r}: needs 0 < N < M")
+    return n, m
+
+
+def masks(
+    score: dict[str, torch.Tensor], ratio: float, scope: str = "global", nm: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks removing `ratio` of the entries (ties: the lower index is kept), or
+    keeping N of every M consecutive input columns of each row when `nm` = (N, M) is given."""
+    if nm is not None:
+        return {k: _keep_nm(s, *nm, name=k) for k, s in score.items()}
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"sparsity ratio {ratio}: must be in [0, 1)")
     if scope == "layer":
         return {k: _keep_top(s, ratio) for k, s in score.items()}
+    if scope == "row":
+        return {k: _keep_top_per_row(s, ratio) for k, s in score.items()}
     if scope != "global":
-        raise ValueError(f"scope {scope!r}: allowed global, layer")
+        raise ValueError(f"scope {scope!r}: allowed {', '.join(SCOPES)}")
     flat = torch.cat([s.reshape(-1) for s in score.values()])
     keep = _keep_top(flat, ratio)
     out, i = {}, 0
@@ -138,6 +179,28 @@ def _keep_top(s: torch.Tensor, ratio: float) -> torch.Tensor:
         order = torch.sort(s.reshape(-1), stable=True).indices  # ascending: lowest first
         keep[order[:n_prune]] = False
     return keep.view(s.shape)
+
+
+def _keep_top_per_row(s: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Remove round(ratio x columns) lowest scores of every row (ties: the lower index is kept)."""
+    n_prune = int(round(ratio * s.shape[1]))
+    keep = torch.ones(s.shape, dtype=torch.bool)
+    if n_prune:
+        lowest = torch.sort(s, dim=1, stable=True).indices[:, :n_prune]
+        keep.scatter_(1, lowest, False)
+    return keep
+
+
+def _keep_nm(s: torch.Tensor, n: int, m: int, name: str = "") -> torch.Tensor:
+    """Keep the n highest of every m consecutive entries of each row (ties: the lower index)."""
+    rows, cols = s.shape
+    if cols % m:
+        raise ValueError(f"N:M pattern {n}:{m}: {name or 'a matrix'} has {cols} input columns, "
+                         f"not a multiple of {m}")  # fmt: skip
+    groups = s.reshape(rows, cols // m, m)
+    best = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros(groups.shape, dtype=torch.bool).scatter_(-1, best, True)
+    return keep.reshape(rows, cols)
 
 
 @torch.no_grad()
