@@ -36,6 +36,7 @@ import math
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -59,6 +60,8 @@ LORA_ANCHOR, DSEE_ANCHOR = 4, (2, 2)
 DSEE_GRID = [(2, 2), (1, 3), (8, 8), (4, 12)]  # (r, k): matched to LoRA 4 and LoRA 16
 BLOCK = 256
 RUNS = RESULTS / "frontier_runs.jsonl"
+SUPPORT_CACHE = Path.home() / ".cache" / "dsee_scale"
+SUPPORTS: dict[str, dict] = {}  # target set -> {density: {matrix: Omega}}
 
 
 def run_key(run: dict) -> tuple:
@@ -141,7 +144,6 @@ class Cell:
         corpus = CORPORA[corpus_name](tok, BLOCK)
         self.eval_ids = corpus.eval.rows(range(min(args.eval_blocks, len(corpus.eval))))["input_ids"]
         self.train = corpus.train
-        self._supports: dict | None = None
 
     def batches(self, seed: int) -> list:
         from dsee_scale.data import micro_batch
@@ -152,10 +154,20 @@ class Cell:
         ]
 
     def supports(self) -> dict:
-        if self._supports is None:
+        """GreBsmo supports for DSEE_GRID's densities, shared by the cells of one target set
+        (the same frozen W) and kept on disk, so a resumed run does not recompute them."""
+        tset = self.name.split(":")[1]
+        if tset not in SUPPORTS:
             ds = [density_for(self.base, self.targets, k) for _, k in DSEE_GRID]
-            self._supports = grebsmo_supports(self.base, self.targets, ds)
-        return self._supports
+            path = SUPPORT_CACHE / f"frontier_supports_{tset}.pt"
+            cached = torch.load(path) if path.exists() else None
+            if cached is None or sorted(cached) != sorted(ds):
+                cached = grebsmo_supports(self.base, self.targets, ds)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(cached, path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").rename(path)
+            SUPPORTS[tset] = cached
+        return SUPPORTS[tset]
 
     def run(self, method: str, r: int, k: int, lr: float, seed: int, done: dict) -> dict:
         a = self.args
