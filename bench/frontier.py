@@ -15,7 +15,8 @@ Methods at equal trainable parameters (alpha = 2r everywhere, the same scale):
                    LoRA ranks: dsee.sparse_density = k sum(in + out) / sum(in x out) over the
                    targets, so DSEE r+k has LoRA (r + k)'s trainable count (to rounding).
 Learning rate: for each cell a sweep over --lrs at seed 0 on one anchor per method (LoRA r=4,
-DSEE 2+2); every run of that method in the cell uses the anchor's best lr.
+DSEE 2+2), extended past an end of the sweep while the best lr sits at that end; every run of
+that method in the cell uses the anchor's best lr.
 Seeds: each seed changes the adapter initialisation and the data order (the same order for
 every method at that seed). GreBsmo's support is computed once per cell from the frozen W with
 DSEEConfig.seed 0 (it depends on W, not on the training seed).
@@ -206,8 +207,18 @@ class Cell:
         return run
 
     def best_lr(self, method: str, r: int, k: int, done: dict) -> float:
-        runs = [self.run(method, r, k, lr, 0, done) for lr in self.args.lrs]
-        return min(runs, key=lambda x: x["eval_loss"])["lr"]
+        """The best of --lrs at seed 0; where the best is at an end of the sweep, the sweep
+        extends past that end (x or / the sweep's ratio) until the best is inside it."""
+        lrs = sorted(self.args.lrs)
+        ratio = lrs[1] / lrs[0] if len(lrs) > 1 else 3.0
+        loss = {lr: self.run(method, r, k, lr, 0, done)["eval_loss"] for lr in lrs}
+        for _ in range(3):
+            best = min(loss, key=loss.get)
+            if len(loss) < 2 or min(loss) < best < max(loss):
+                break
+            nxt = float(f"{(best * ratio if best == max(loss) else best / ratio):.3g}")
+            loss[nxt] = self.run(method, r, k, nxt, 0, done)["eval_loss"]
+        return min(loss, key=loss.get)
 
     def all_runs(self, done: dict) -> None:
         lr_lora = self.best_lr("lora", LORA_ANCHOR, 0, done)

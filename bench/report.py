@@ -466,6 +466,58 @@ class Report:
             self.add(f"- `{first}` reference {ex['reference']!r}; {answers}")
         self.add("\n" + provenance(g))
 
+    def frontier(self) -> None:
+        """DSEE vs LoRA at equal trainable parameters, two corpora, q,v and all linear layers."""
+        import matplotlib.pyplot as plt
+
+        f = self.data.get("frontier")
+        self.add("## The quality frontier: DSEE against LoRA at equal trainable parameters")
+        if not f:
+            self.add("Not run (`python bench/frontier.py`).")
+            return
+        self.add(
+            f"{f['model']}; {f['steps']} steps x {f['batch'][0]} rows of {f['batch'][1]} tokens = "
+            f"{f['tokens_per_run']:,} training tokens per run; held-out loss over {f['eval']['blocks']} "
+            f"blocks of {f['eval']['block_size']} tokens. LoRA r in {f['lora_ranks']}; DSEE r+k = rank r "
+            "plus a GreBsmo sparse part with the trainable count of k more LoRA ranks "
+            f"({', '.join(f['dsee_grid'])}); "
+            f"lr per method from {f['lrs']} at seed 0; seeds {f['seeds']} (initialisation and data "
+            "order). Paired: DSEE r+k minus LoRA (r+k) per held-out block and seed, two-level "
+            "bootstrap 95% interval; a ratio below 1 favours DSEE.\n"
+        )  # fmt: skip
+        cells = f["cells"]
+        fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), squeeze=False)
+        for ax, (name, c) in zip(axes[0], cells.items(), strict=True):
+            sweep = "; ".join(
+                f"{m} {v['anchor']}: " + ", ".join(f"{lr:g} -> {ppl:.3f}" for lr, ppl in sorted(
+                    (float(k), x) for k, x in v["perplexity_by_lr"].items())) + f" (best {v['best_lr']:g})"
+                for m, v in c["lr_sweep"].items()
+            )  # fmt: skip
+            self.add(f"### {name} (untuned held-out ppl {c['base_perplexity']:.3f})\n\nlr sweep: {sweep}\n")
+            rows = [[q["label"], q["trainable"], f"{100 * q['density']:.2f}%", q["lr"], q["perplexity_mean"],
+                     q["perplexity_sd"], len(q["seeds"])] for q in c["points"]]  # fmt: skip
+            self.add(
+                table(["config", "trainable", "S density", "lr", "held-out ppl (mean)", "sd", "seeds"], rows)
+            )
+            pairs = [[x["dsee"], x["lora"], x["perplexity_ratio"],
+                      f"[{x['perplexity_ratio_ci95'][0]:.4f}, {x['perplexity_ratio_ci95'][1]:.4f}]",
+                      len(x["seeds"]), x["verdict"]] for x in c["paired"]]  # fmt: skip
+            if pairs:
+                self.add("\n" + table(["DSEE", "LoRA (same trainable)", "ppl ratio", "95% interval", "seeds",
+                                        "verdict"], pairs) + "\n")  # fmt: skip
+            for method, marker in (("lora", "o-"), ("dsee", "s")):
+                pts = sorted((q for q in c["points"] if q["method"] == method), key=lambda q: q["trainable"])
+                if pts:
+                    ax.errorbar([q["trainable"] for q in pts], [q["perplexity_mean"] for q in pts],
+                                yerr=[q["perplexity_sd"] or 0 for q in pts], fmt=marker, capsize=3,
+                                label="LoRA" if method == "lora" else "DSEE r+k")  # fmt: skip
+                    for q in pts:
+                        ax.annotate(q["label"].replace("LoRA ", "").replace("DSEE ", ""),
+                                    (q["trainable"], q["perplexity_mean"]), fontsize=6)  # fmt: skip
+            ax.set_xscale("log"), ax.set_title(name, fontsize=9), ax.set_xlabel("trainable parameters")
+            ax.set_ylabel("held-out perplexity"), ax.legend(fontsize=7)
+        self.save(fig, "frontier", f, "Held-out perplexity vs trainable parameters (mean +- sd over seeds)")
+
     def aims(self) -> None:
         """The issue's targets, met or missed, computed from the results."""
         lines = []
@@ -523,6 +575,7 @@ class Report:
         self.speed()
         self.deployment()
         self.instruct()
+        self.frontier()
         self.out.write_text("\n".join(head + self.parts) + "\n")
         print(f"wrote {self.out} and {len(list(self.plots.glob('*.png')))} plots in {self.plots}")
         return self.out
