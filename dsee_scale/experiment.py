@@ -160,7 +160,7 @@ class PruneConfig:
     ratio: float = 0.5  # unstructured: share of the chosen weights set to zero
     scope: Literal["global", "layer", "row"] = "global"  # unstructured: where scores are compared
     nm: str | None = None  # unstructured N:M pattern, e.g. "2:4" (ratio must then be 1 - N/M)
-    score: Literal["magnitude", "abs", "wabs", "wanda"] = "wabs"
+    score: Literal["magnitude", "abs", "wabs", "wanda", "sparsegpt"] = "wabs"  # unstructured
     calibration_batches: int = 4  # activation / wanda scores: micro-batches of the train data
     targets: list[str] = field(default_factory=list)  # unstructured: patterns (default: all block linears)
 

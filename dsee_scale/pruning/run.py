@@ -125,47 +125,107 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class BlockWalk:
+    """Calibration batches pushed through the tuned model one block at a time: `inputs` are
+    block i's inputs; `advance(b)` runs them through block b (rebuilt from the checkpoint by the
+    caller), so no rank ever holds the whole model."""
+
+    def __init__(self, cm: CheckpointModel, batches: list[torch.Tensor]):
+        arch, ck = cm.arch, cm.ck
+        token = ck.tensor(arch.embeddings[0]).float()
+        self.inputs = [token[ids] for ids in batches]
+        if len(arch.embeddings) > 1:  # learned position embeddings (GPT-2)
+            position = ck.tensor(arch.embeddings[1]).float()
+            self.inputs = [h + position[torch.arange(h.shape[1])] for h in self.inputs]
+        self.rotary = None
+        if arch.rotary_emb is not None:
+            self.rotary = type(cm.skeleton.get_submodule(arch.rotary_emb))(config=cm.config)
+
+    def run(self, b: torch.nn.Module) -> list[torch.Tensor]:
+        out = []
+        for h in self.inputs:
+            if self.rotary is None:
+                o = b(h)
+            else:
+                pos = torch.arange(h.shape[1])[None]
+                o = b(h, position_ids=pos, position_embeddings=self.rotary(h, pos))
+            out.append(o[0] if isinstance(o, tuple) else o)
+        return out
+
+    def advance(self, b: torch.nn.Module) -> None:
+        self.inputs = self.run(b)
+
+
+def input_hooks(layers: dict[str, torch.nn.Module], fn) -> list:
+    """fn(name, x as (tokens, in) float32) on every forward of each layer; returns the handles."""
+    return [
+        layer.register_forward_pre_hook(
+            lambda module, args, name=name: fn(name, args[0].detach().float().reshape(-1, args[0].shape[-1]))
+        )
+        for name, layer in layers.items()
+    ]
+
+
 @torch.no_grad()
 def layerwise_statistics(cm: CheckpointModel, batches: list[torch.Tensor]) -> CalibrationStats:
     """Per block and projection: sum of x^2 and of |x| over the calibration tokens of its input
-    (Wanda norms, activation scores). The batches go through the tuned model one block at a
-    time, each block rebuilt from the checkpoint, so no rank ever holds the whole model."""
-    arch, ck = cm.arch, cm.ck
-    token = ck.tensor(arch.embeddings[0]).float()
-    hidden = [token[ids] for ids in batches]
-    if len(arch.embeddings) > 1:  # learned position embeddings (GPT-2)
-        position = ck.tensor(arch.embeddings[1]).float()
-        hidden = [h + position[torch.arange(h.shape[1])] for h in hidden]
-    rotary = None
-    if arch.rotary_emb is not None:
-        rotary = type(cm.skeleton.get_submodule(arch.rotary_emb))(config=cm.config)
+    (Wanda norms, activation scores), layer-wise through the tuned blocks (BlockWalk)."""
+    walk = BlockWalk(cm, batches)
     stats: CalibrationStats = {"tokens": sum(ids.numel() for ids in batches), "blocks": {}}
     for i in range(cm.dims.layers):
         b = cm.block(i).eval()
         sq: dict = {}
         ab: dict = {}
-        handles = []
-        for name, layer in U.prunable(b, ["*"]).items():
 
-            def hook(module, args, name=name, sq=sq, ab=ab):
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                sq[name] = sq.get(name, 0) + x.pow(2).sum(0)
-                ab[name] = ab.get(name, 0) + x.abs().sum(0)
+        def add(name, x, sq=sq, ab=ab):
+            sq[name] = sq.get(name, 0) + x.pow(2).sum(0)
+            ab[name] = ab.get(name, 0) + x.abs().sum(0)
 
-            handles.append(layer.register_forward_pre_hook(hook))
-        nxt = []
-        for h in hidden:
-            if rotary is None:
-                out = b(h)
-            else:
-                pos = torch.arange(h.shape[1])[None]
-                out = b(h, position_ids=pos, position_embeddings=rotary(h, pos))
-            nxt.append(out[0] if isinstance(out, tuple) else out)
+        handles = input_hooks(U.prunable(b, ["*"]), add)
+        walk.advance(b)
         for handle in handles:
             handle.remove()
-        hidden = nxt
         stats["blocks"][i] = {"sq": sq, "abs": ab}
     return stats
+
+
+@torch.no_grad()
+def sparsegpt_blocks(
+    cm: CheckpointModel, pc: PruneConfig, batches: list[torch.Tensor]
+) -> tuple[Masks, dict[int, dict[str, torch.Tensor]]]:
+    """SparseGPT on every targeted projection, block after block: block i's Hessians come from
+    the outputs of the already-pruned blocks before it (the DSEE updates stay on). Returns the
+    keep-masks and the reconstructed frozen weights (out x in) per block."""
+    from ..adapters.layer import unwrap, weight_out_in
+    from .sparsegpt import sparsegpt_prune
+
+    nm = U.parse_nm(pc.nm) if pc.nm is not None else None
+    walk = BlockWalk(cm, batches)
+    keep: Masks = {}
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    for i in range(cm.dims.layers):
+        b = cm.block(i).eval()
+        layers = U.prunable(b, pc.targets or ["*"])
+        hess: dict[str, torch.Tensor] = {}
+
+        def add(name, x, hess=hess):
+            hess[name] = hess.get(name, 0) + x.double().T @ x.double()
+
+        handles = input_hooks(layers, add)
+        walk.run(b)
+        for handle in handles:
+            handle.remove()
+        keep[i], weights[i] = {}, {}
+        for name, layer in layers.items():
+            w = weight_out_in(unwrap(layer))
+            try:
+                new, keep[i][name] = sparsegpt_prune(w, hess.pop(name), pc.ratio, nm)
+            except ValueError as e:
+                raise ConfigError(f"prune.nm: {cm.arch.block_prefix(i)}{name}: {e}") from None
+            w.copy_(new.to(w.dtype))
+            weights[i][name] = w.detach().clone()
+        walk.advance(b)  # the pruned block's outputs feed the next block
+    return keep, weights
 
 
 def calibration(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> CalibrationStats | None:
@@ -175,19 +235,24 @@ def calibration(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> 
     )
     if not needs:
         return None
+    return layerwise_statistics(cm, calibration_batches(exp, cm, pc))
+    return layerwise_statistics(cm, calibration_batches(exp, cm, pc))
+
+
+def calibration_batches(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> list[torch.Tensor]:
+    """`prune.calibration_batches` micro-batches of the training data, as the run would see them."""
+    from ..data import ByteTokenizer, build_corpus, micro_batch
+
     if exp.data is None:
         raise ConfigError(f"data: {pc.kind} pruning with these scores needs calibration batches from "
                           "the experiment's data section")  # fmt: skip
-    from ..data import ByteTokenizer, build_corpus, micro_batch
-
     tok = load_tokenizer(cm.model_cfg) or ByteTokenizer()
     corpus = build_corpus(exp.data, tok)
     t = exp.train
-    batches = [
+    return [
         micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)["input_ids"]
         for s in range(pc.calibration_batches)
     ]
-    return layerwise_statistics(cm, batches)
 
 
 def _activation(stats: CalibrationStats | None, i: int, name: str) -> torch.Tensor:
@@ -243,35 +308,46 @@ def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationS
     return out
 
 
-def pruned_block(
-    cm: CheckpointModel, i: int, pc: PruneConfig, plan: Plan | None, keep: Masks | None
-) -> torch.nn.Module:
-    b = cm.block(i)
-    if plan is not None:
-        prune_block(b, cm.arch, plan.layers[i], cm.dims)
-    if keep is not None:
-        U.apply_masks(U.prunable(b, pc.targets or ["*"]), keep[i])
-    return b
-
-
 @dataclass
 class Decision:
-    """What pruning removes: a structured plan or unstructured keep-masks, and the new config."""
+    """What pruning removes: a structured plan or unstructured keep-masks (with SparseGPT's
+    reconstructed frozen weights), and the new config."""
 
     plan: Plan | None
     keep: Masks | None
     config: Any
     summary: dict  # JSON-able: plan or mask digests, weight sparsity
+    weights: dict[int, dict[str, torch.Tensor]] | None = None  # block -> projection -> W (out x in)
 
 
-def decide(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStats | None) -> Decision:
+@torch.no_grad()
+def pruned_block(cm: CheckpointModel, i: int, pc: PruneConfig, decision: Decision) -> torch.nn.Module:
+    from ..adapters.layer import unwrap, weight_out_in
+
+    b = cm.block(i)
+    if decision.plan is not None:
+        prune_block(b, cm.arch, decision.plan.layers[i], cm.dims)
+    if decision.keep is not None:
+        layers = U.prunable(b, pc.targets or ["*"])
+        for name, w in (decision.weights or {}).get(i, {}).items():
+            weight_out_in(unwrap(layers[name])).copy_(w)
+        U.apply_masks(layers, decision.keep[i])
+    return b
+
+
+def decide(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> Decision:
+    stats = calibration(exp, cm, pc)
     if pc.kind == "unstructured":
-        keep = unstructured_masks(cm, pc, stats)
+        weights = None
+        if pc.score == "sparsegpt":
+            keep, weights = sparsegpt_blocks(cm, pc, calibration_batches(exp, cm, pc))
+        else:
+            keep = unstructured_masks(cm, pc, stats)
         masks = [m for block in keep.values() for m in block.values()]
         digests = {i: {k: hashlib.sha256(m.numpy().tobytes()).hexdigest() for k, m in d.items()}
                    for i, d in keep.items()}  # fmt: skip
         sparsity = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
-        return Decision(None, keep, cm.config, {"decision": digests, "weight_sparsity": sparsity})
+        return Decision(None, keep, cm.config, {"decision": digests, "weight_sparsity": sparsity}, weights)
     H, KV, hd, inter, _, _ = cm.dims
     if pc.channels_per_layer >= inter:
         raise ConfigError(f"prune.channels_per_layer: {pc.channels_per_layer} of {inter} channels; "
@@ -305,14 +381,14 @@ def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
     if pc is None:
         raise ConfigError("prune: the experiment has no prune section")
     cm = CheckpointModel(from_dir)
-    decision = decide(cm, pc, calibration(exp, cm, pc))
+    decision = decide(exp, cm, pc)
     d = digest(decision.summary["decision"])
     if len(set(comm.all_gather_objects(d))) != 1:
         raise RuntimeError("ranks took different pruning decisions")
     pruned = pruned_experiment(exp, cm, decision.config)
 
     def build(exp_, ds, rank_, world_):
-        return build_pruned(cm, pc, decision.plan, decision.keep, exp_, ds, rank_)
+        return build_pruned(cm, pc, decision, exp_, ds, rank_)
 
     sizes = pruned.model.config or {}
     keys = (cm.arch.heads_key, cm.arch.kv_heads_key, cm.arch.intermediate_key, "head_dim")
@@ -324,8 +400,7 @@ def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
 def build_pruned(
     cm: CheckpointModel,
     pc: PruneConfig,
-    plan: Plan | None,
-    keep: Masks | None,
+    decision: Decision,
     exp: ExperimentConfig,
     ds: dict,
     rank: int,
@@ -337,12 +412,12 @@ def build_pruned(
     model = build_model(exp, ds)  # random init from the pruned config, partitioned
     supports: dict[str, torch.Tensor] = {}
     for i in range(cm.dims.layers):  # supports first: inject needs all of them
-        b = pruned_block(cm, i, pc, plan, keep)
+        b = pruned_block(cm, i, pc, decision)
         supports.update({cm.arch.block_prefix(i) + k: v for k, v in supports_of(b).items()})
         del b
     inject(model, exp.dsee, supports)
     for i in range(cm.dims.layers):
-        b = pruned_block(cm, i, pc, plan, keep)
+        b = pruned_block(cm, i, pc, decision)
         for rel, t in b.state_dict().items():
             copy_full_into(model, cm.arch.block_prefix(i) + rel, t, rank)
         del b
