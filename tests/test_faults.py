@@ -79,7 +79,40 @@ def test_killed_during_save_resumes_from_the_previous_checkpoint(tmp_path, monke
         assert b[s] == a[s] or abs(b[s] - a[s]) < 1e-6, (s, a, b)
 
 
+def test_manifest_checksums_split_over_ranks_cover_every_file_once(tmp_path):
+    """Each rank hashes its own shards at save and a share of the files at load; the shares
+    are disjoint and together cover every file, and sizes are checked by every rank."""
+    from dsee_scale.checkpoint import format as fmt
+
+    d = tmp_path / "step_1"
+    d.mkdir()
+    for r in range(3):
+        (d / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(bytes([r]) * (100 + r))
+    (d / "dsee_meta.json").write_text("{}")
+    parts = {}
+    for r in range(3):  # what save gathers from the ranks, then rank 0 hashes the rest
+        assert fmt.rank_files(d, r) == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"]
+        parts.update(fmt.hash_files(d, fmt.rank_files(d, r)))
+    fmt.write_manifest(d, parts)
+    whole = json.loads((d / "manifest.json").read_text())["files"]
+    assert sorted(whole) == sorted(p.name for p in d.iterdir() if p.name != "manifest.json")
+    for name, entry in whole.items():  # the same as hashing every file in one place
+        assert entry == fmt.hash_files(d, [name])[name]
+    names = list(whole)
+    for victim in names:
+        data = bytearray((d / victim).read_bytes())
+        (d / victim).write_bytes(bytes(b ^ 0xFF for b in data))  # same size, other bytes
+        found = [fmt.manifest_problem(d, (r, 3)) for r in range(3)]
+        assert [f is not None for f in found].count(True) == 1, (victim, found)  # exactly one rank sees it
+        assert victim in next(f for f in found if f)
+        (d / victim).write_bytes(bytes(data))
+    (d / names[0]).write_bytes(b"x")  # truncated: every rank sees it
+    assert all("bytes" in (fmt.manifest_problem(d, (r, 3)) or "") for r in range(3))
+
+
 def test_a_corrupted_checkpoint_is_refused_by_resume_and_export(tmp_path):
+    """Two ranks: each checks a share of the checksums and the verdict is shared, so both
+    refuse, whichever rank's share holds the corrupt file."""
     from helpers import check, launch
 
     model = save_tiny_model(tmp_path, "gpt2")
@@ -91,13 +124,14 @@ def test_a_corrupted_checkpoint_is_refused_by_resume_and_export(tmp_path):
         train={"max_steps": 2},
         checkpoint={"every": 2},
     )
-    check(launch(cfg, 1))
-    shard = tmp_path / "run" / "checkpoints" / "step_2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    check(launch(cfg, 2))
+    shard = tmp_path / "run" / "checkpoints" / "step_2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
     shard.write_bytes(bytes(data))
-    r = launch(cfg, 1, "--resume", "train.max_steps=4")
+    r = launch(cfg, 2, "--resume", "train.max_steps=4")
     assert r.returncode == 2 and "does not match its checksum" in r.stderr and shard.name in r.stderr
+    assert "Traceback" not in r.stderr
     r = subprocess.run(
         [
             sys.executable,

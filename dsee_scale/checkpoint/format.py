@@ -8,7 +8,8 @@
             dsee_meta.json           step, world size, tag, DSEE layer layout
             dsee_supports.safetensors  the supports Omega (identical on every rank)
             experiment.yaml          the experiment that wrote it
-            manifest.json            every file's size and sha256 (written last but `latest`)
+            manifest.json            every file's size and sha256 (written last but `latest`;
+                                     each rank hashes its own shards, and checks a share on load)
         step_<N>_universal/          made on demand to resume on another number of ranks
 
 training/ writes it (checkpoint.py), export/ and pruning/ read it (reader.py); nobody else
@@ -104,35 +105,62 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(d: Path) -> None:
-    """Files, sizes and sha256 of a complete checkpoint directory."""
-    files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(d.iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
-    write_atomic(d / MANIFEST, json.dumps({"files": files}, indent=1))
+def hash_files(d: Path, names: list[str]) -> dict[str, dict]:
+    """{name: {bytes, sha256}} of some files of checkpoint d."""
+    return {n: {"bytes": (d / n).stat().st_size, "sha256": sha256_file(d / n)} for n in names}
 
 
-def manifest_problem(d: Path) -> str | None:
-    """Why checkpoint d is not intact (a file missing, truncated or changed), or None."""
+def rank_files(d: Path, rank: int) -> list[str]:
+    """The files of checkpoint d that rank `rank` wrote (its ZeRO shards)."""
+    return sorted(p.name for p in d.glob(f"zero_pp_rank_{rank}_*") if p.is_file())
+
+
+def write_manifest(d: Path, hashed: dict[str, dict] | None = None) -> None:
+    """Files, sizes and sha256 of a complete checkpoint directory. `hashed`: entries the
+    ranks already computed for their own files (the rest are hashed here)."""
+    hashed = dict(hashed or {})
+    rest = [
+        p.name for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST and p.name not in hashed
+    ]
+    hashed.update(hash_files(d, rest))
+    write_atomic(d / MANIFEST, json.dumps({"files": dict(sorted(hashed.items()))}, indent=1))
+
+
+def manifest_problem(d: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """Why checkpoint d is not intact (a file missing, truncated or changed), or None. With
+    share = (rank, world), every size is checked but only every world-th file's checksum,
+    starting at the rank-th: the ranks together check every file once."""
     path = d / MANIFEST
     if not path.is_file():
         return f"{MANIFEST} is missing (the save did not finish)"
-    for name, want in json.loads(path.read_text())["files"].items():
+    rank, world = share
+    for i, (name, want) in enumerate(json.loads(path.read_text())["files"].items()):
         f = d / name
         if not f.is_file():
             return f"{name} is missing (listed in {MANIFEST})"
         if f.stat().st_size != want["bytes"]:
             return f"{name} has {f.stat().st_size} bytes, {want['bytes']} expected (truncated or replaced)"
-        if sha256_file(f) != want["sha256"]:
+        if i % world == rank and sha256_file(f) != want["sha256"]:
             return f"{name} does not match its checksum (corrupt)"
     return None
 
 
+def shared_manifest_problem(d: Path) -> str | None:
+    """manifest_problem with the checksums split over the ranks of a running process group
+    and one verdict for all (every rank must call it); the whole check outside a group."""
+    from ..zero import comm
+
+    rank, world = comm.rank_and_world()
+    if world == 1:
+        return manifest_problem(d)
+    problems = [p for p in comm.all_gather_objects(manifest_problem(d, (rank, world))) if p]
+    return problems[0] if problems else None
+
+
 def verify_manifest(d: Path) -> None:
-    """Refuse a checkpoint whose files are missing, truncated or changed since it was written."""
-    problem = manifest_problem(d)
+    """Refuse a checkpoint whose files are missing, truncated or changed since it was written
+    (collective inside a process group: every rank calls it)."""
+    problem = shared_manifest_problem(d)
     if problem is not None:
         raise UserError(f"checkpoint {str(d)!r}: {problem}")
 

@@ -94,8 +94,11 @@ def save(
     )
     comm.barrier()  # every rank's shards are written
     kill_during_save(step, rank)
+    d = root / tag
+    hashed = {}  # each rank hashes the shards it wrote, all at once; rank 0 the rest
+    for part in comm.all_gather_objects(fmt.hash_files(d, fmt.rank_files(d, rank))):
+        hashed.update(part)
     if rank == 0:
-        d = root / tag
         save_file({k: v.contiguous() for k, v in supports.items()}, str(d / fmt.SUPPORTS))
         (d / fmt.EXPERIMENT).write_text(yaml.safe_dump(asdict(exp), sort_keys=False))
         meta: fmt.Meta = {
@@ -105,7 +108,7 @@ def save(
             "dsee_layers": fmt.layer_layout(engine.module),
         }
         fmt.write_atomic(d / fmt.META, json.dumps(meta))
-        fmt.write_manifest(d)
+        fmt.write_manifest(d, hashed)
         fmt.write_atomic(root / fmt.LATEST, tag)  # only now is this checkpoint the one to resume
         for old in fmt.tags(root)[: -exp.checkpoint.keep_last]:
             shutil.rmtree(root / old, ignore_errors=True)
@@ -121,7 +124,9 @@ def resume_point(exp: ExperimentConfig) -> tuple[Path, str, fmt.Meta]:
     if not latest.is_file():
         raise UserError(f"--resume: no checkpoint in {str(root)!r} (no '{fmt.LATEST}' file)")
     tag = latest.read_text().strip()
-    problem = f"{tag} does not exist" if not (root / tag).is_dir() else fmt.manifest_problem(root / tag)
+    problem = (
+        f"{tag} does not exist" if not (root / tag).is_dir() else fmt.shared_manifest_problem(root / tag)
+    )
     if problem is not None:
         intact = [t for t in reversed(fmt.tags(root)) if t != tag and fmt.manifest_problem(root / t) is None]
         hint = (
