@@ -217,3 +217,27 @@ def test_no_sparse_entries_is_plain_lora():
     y.sum().backward()
     assert values.grad.shape == (0,) and x.grad is not None and A.grad.abs().sum() > 0
     assert torch.autograd.gradcheck(lambda *t: sparse_low_rank_update(*t, index, 1.5), (x, A, B, values))
+
+
+def test_sparse_part_needs_positions_grouped_by_row_only():
+    """The sparse kernels (CSR) need the positions grouped by row; within a row any order and
+    repeated positions (which add) match the dense formula, forward and backward."""
+    from dsee_scale.adapters.delta import sparse_low_rank_update
+
+    g = torch.Generator().manual_seed(3)
+    rows, cols = torch.tensor([0, 0, 0, 2, 2, 5, 5, 5]), torch.tensor([7, 1, 4, 3, 3, 8, 0, 2])
+    x = torch.randn(4, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    A = torch.randn(2, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(6, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    y = sparse_low_rank_update(x, A, B, v, torch.stack([rows, cols]), 1.5)
+    S = torch.zeros(6, 9, dtype=torch.float64).index_put((rows, cols), v, accumulate=True)
+    ref = 1.5 * (x @ A.T @ B.T + x @ S.T)
+    torch.testing.assert_close(y, ref)
+    w = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(
+        torch.autograd.grad((y * w).sum(), (x, A, B, v)), torch.autograd.grad((ref * w).sum(), (x, A, B, v))
+    ):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="by row"):
+        SparseLowRankDelta(9, 6, 2, 4.0, torch.tensor([[2, 0], [1, 1]]))
