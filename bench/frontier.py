@@ -14,9 +14,8 @@ Methods at equal trainable parameters (alpha = 2r everywhere, the same scale):
   DSEE r+k         DSEE rank r plus a GreBsmo sparse part with as many non-zeros as k more
                    LoRA ranks: dsee.sparse_density = k sum(in + out) / sum(in x out) over the
                    targets, so DSEE r+k has LoRA (r + k)'s trainable count (to rounding).
-Learning rate: for each cell a sweep over --lrs at seed 0 on one anchor per method (LoRA r=4,
-DSEE 2+2), extended past an end of the sweep while the best lr sits at that end; every run of
-that method in the cell uses the anchor's best lr.
+Learning rate: every configuration of every cell is swept over --lrs at seed 0, the sweep
+extended past an end while the best lr sits at that end; its other seeds run at its best lr.
 Seeds: each seed changes the adapter initialisation and the data order (the same order for
 every method at that seed). GreBsmo's support is computed once per cell from the frozen W with
 DSEEConfig.seed 0 (it depends on W, not on the training seed).
@@ -221,14 +220,14 @@ class Cell:
         return min(loss, key=loss.get)
 
     def all_runs(self, done: dict) -> None:
-        lr_lora = self.best_lr("lora", LORA_ANCHOR, 0, done)
-        lr_dsee = self.best_lr("dsee", *DSEE_ANCHOR, done)
-        print(f"[{self.name}] best lr: LoRA {lr_lora:g}, DSEE {lr_dsee:g}", flush=True)
+        configs = [("lora", r, 0) for r in self.args.lora_ranks] + [("dsee", r, k) for r, k in DSEE_GRID]
+        best = {}
+        for c in configs:  # every configuration at its own best lr (seed 0), then the other seeds
+            best[c] = self.best_lr(*c, done)
+            print(f"[{self.name}] {c}: best lr {best[c]:g}", flush=True)
         for seed in self.args.seeds:
-            for r in self.args.lora_ranks:
-                self.run("lora", r, 0, lr_lora, seed, done)
-            for r, k in DSEE_GRID:
-                self.run("dsee", r, k, lr_dsee, seed, done)
+            for c in configs:
+                self.run(c[0], c[1], c[2], best[c], seed, done)
 
 
 def base_run(cell: Cell, done: dict) -> dict:
@@ -283,26 +282,24 @@ def summarize(runs: list[dict], cells: list[str], seeds: list[int]) -> dict:
         if not rs:
             continue
         base = next((r for r in rs if r["method"] == "base"), None)
-        sweep = {}
-        for method, (r, k) in (("lora", (LORA_ANCHOR, 0)), ("dsee", DSEE_ANCHOR)):
-            pts = {
-                x["lr"]: x["heldout_perplexity"]
-                for x in rs
-                if (x["method"], x["r"], x["k"], x["seed"]) == (method, r, k, 0)
-            }
-            sweep[method] = {"anchor": f"r={r}" + (f"+{k}" if k else ""), "perplexity_by_lr": pts,
-                             "best_lr": min(pts, key=pts.get) if pts else None}  # fmt: skip
+        sweep: dict[tuple, dict] = {}  # (method, r, k) -> lr -> perplexity at seed 0
+        for x in rs:
+            if x["method"] != "base" and x["seed"] == 0:
+                sweep.setdefault((x["method"], x["r"], x["k"]), {})[x["lr"]] = x["heldout_perplexity"]
+        best = {c: min(v, key=v.get) for c, v in sweep.items()}
         points = []
         groups: dict[tuple, list[dict]] = {}
         for x in rs:
-            if x["method"] != "base" and x["lr"] == sweep[x["method"]]["best_lr"] and x["seed"] in seeds:
-                groups.setdefault((x["method"], x["r"], x["k"]), []).append(x)
+            c = (x["method"], x["r"], x["k"])
+            if x["method"] != "base" and x["lr"] == best[c] and x["seed"] in seeds:
+                groups.setdefault(c, []).append(x)
         for (method, r, k), g in sorted(groups.items()):
             ppl = [x["heldout_perplexity"] for x in g]
             label = f"LoRA r={r}" if method == "lora" else f"DSEE {r}+{k}"
             points.append({
                 "method": method, "r": r, "k": k, "label": label,
                 "trainable": g[0]["trainable"], "density": g[0]["density"], "lr": g[0]["lr"],
+                "lr_sweep": dict(sorted(sweep[(method, r, k)].items())),
                 "seeds": sorted(x["seed"] for x in g), "perplexity_mean": statistics.fmean(ppl),
                 "perplexity_sd": statistics.stdev(ppl) if len(ppl) > 1 else None,
                 "seconds_mean": statistics.fmean(x["seconds"] for x in g),
@@ -314,7 +311,6 @@ def summarize(runs: list[dict], cells: list[str], seeds: list[int]) -> dict:
                 comparisons.append({"dsee": f"DSEE {r}+{k}", "lora": f"LoRA r={r + k}", **c})
         out[cell] = {
             "base_perplexity": base["heldout_perplexity"] if base else None,
-            "lr_sweep": sweep,
             "points": points,
             "paired": comparisons,
         }
@@ -327,7 +323,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=36)
     ap.add_argument("--batch", type=int, default=2, help="rows of 256 tokens per step")
     ap.add_argument("--eval-blocks", type=int, default=32)
-    ap.add_argument("--lrs", default="3e-4,1e-3,3e-3")
+    ap.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     ap.add_argument("--lora-ranks", default="2,4,8,16,32")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--report-only", action="store_true")

@@ -139,3 +139,38 @@ def test_masks_survive_retuning_and_merging_refills_unless_masked():
         torch.testing.assert_close(m(input_ids=IDS).logits, before, rtol=1e-4, atol=1e-4)
     U.mask_merged(layers, keep)
     assert U.sparsity_report(layers)["merged_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize("kind", ["ties", "continuous"])
+def test_streamed_global_threshold_equals_the_sorted_one(ratio, kind):
+    """Global masks from two bit-pattern histograms, one block's scores at a time, equal the
+    masks of sorting all scores at once, ties included."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [[(6, 10), (3, 10)], [(8, 4)], [(5, 7), (7, 5), (2, 2)]]
+    blocks = []
+    for shp in shapes:
+        if kind == "ties":  # few distinct values: many ties across blocks and matrices
+            blocks.append(
+                {f"m{j}": torch.randint(0, 5, s, generator=g).float() / 4 for j, s in enumerate(shp)}
+            )
+        else:
+            scale = [
+                10.0 ** int(torch.randint(-8, 3, (1,), generator=g)) for _ in shp
+            ]  # very different scales
+            blocks.append({f"m{j}": torch.rand(s, generator=g) * scale[j] for j, s in enumerate(shp)})
+    calls = []
+
+    def score_of_block(i):
+        calls.append(i)
+        return blocks[i]
+
+    got = U.streamed_global_masks(score_of_block, len(blocks), ratio)
+    flat = {f"{i}/{k}": v for i, b in enumerate(blocks) for k, v in b.items()}
+    want = U.masks(flat, ratio, "global")
+    for key, m in want.items():
+        i, name = key.split("/")
+        assert torch.equal(got[int(i)][name], m), key
+    assert max(calls.count(i) for i in range(len(blocks))) <= 3
+    with pytest.raises(ValueError, match="non-negative"):
+        U.streamed_global_masks(lambda i: {"m": -torch.ones(2, 2)}, 1, 0.5)

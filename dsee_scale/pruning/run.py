@@ -289,23 +289,17 @@ def structured_plan(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStat
 
 
 def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStats | None = None) -> Masks:
-    """Keep-masks per block (names relative to the block)."""
-    per_block = {}
-    for i in range(cm.dims.layers):
-        b = cm.block(i)
-        layers = U.prunable(b, pc.targets or ["*"])
+    """Keep-masks per block (names relative to the block). Scores are computed one block at a
+    time; a global threshold is found from streamed histograms (never all scores at once)."""
+
+    def score_of_block(i: int) -> dict[str, torch.Tensor]:
         norms = None if stats is None else {k: v.sqrt() for k, v in stats["blocks"][i]["sq"].items()}
-        per_block[i] = U.scores(layers, pc.score, norms)
+        return U.scores(U.prunable(cm.block(i), pc.targets or ["*"]), pc.score, norms)
+
     if pc.nm is not None or pc.scope != "global":  # decided inside each matrix
         nm = U.parse_nm(pc.nm) if pc.nm is not None else None
-        return {i: U.masks(s, pc.ratio, pc.scope, nm) for i, s in per_block.items()}
-    flat = {f"{i}/{k}": v for i, s in per_block.items() for k, v in s.items()}
-    keep = U.masks(flat, pc.ratio, "global")
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for key, m in keep.items():
-        block, name = key.split("/", 1)
-        out.setdefault(int(block), {})[name] = m
-    return out
+        return {i: U.masks(score_of_block(i), pc.ratio, pc.scope, nm) for i in range(cm.dims.layers)}
+    return U.streamed_global_masks(score_of_block, cm.dims.layers, pc.ratio)
 
 
 @dataclass

@@ -21,6 +21,7 @@ the real sparsity of the merged weights, and `mask_merged` prunes the merged wei
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -169,6 +170,59 @@ def masks(
     for k, s in score.items():
         out[k] = keep[i : i + s.numel()].view(s.shape)
         i += s.numel()
+    return out
+
+
+def streamed_global_masks(
+    score_of_block: Callable[[int], dict[str, torch.Tensor]], blocks: int, ratio: float
+) -> dict[int, dict[str, torch.Tensor]]:
+    """masks(all scores, ratio, "global") without ever holding more than one block's scores:
+    the k-th lowest score is found from two histograms of the float32 bit patterns (non-negative
+    floats order as their bits do): the high 16 bits, then the low 16 bits inside the bin that
+    holds the k-th; entries equal to it are pruned in the global order, as a stable sort would.
+    `score_of_block(i)` is called three times per block (scores are recomputed, not kept)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"sparsity ratio {ratio}: must be in [0, 1)")
+
+    def bits_of(s: torch.Tensor) -> torch.Tensor:
+        s = s.detach().float().reshape(-1) + 0.0  # -0.0 -> 0.0
+        if bool((s < 0).any()) or bool(s.isnan().any()):
+            raise ValueError("streamed global pruning needs non-negative, finite scores")
+        return s.view(torch.int32).long()
+
+    high = torch.zeros(1 << 15, dtype=torch.long)
+    total = 0
+    for i in range(blocks):
+        for sc in score_of_block(i).values():
+            b = bits_of(sc)
+            high += torch.bincount(b >> 16, minlength=1 << 15)
+            total += b.numel()
+    k = int(round(ratio * total))
+    if k == 0:
+        return {i: {n: torch.ones(sc.shape, dtype=torch.bool) for n, sc in score_of_block(i).items()}
+                for i in range(blocks)}  # fmt: skip
+    cum = high.cumsum(0)
+    hb = int(torch.searchsorted(cum, k))  # the bin of the high bits that holds the k-th lowest
+    below = int(cum[hb - 1]) if hb else 0
+    low = torch.zeros(1 << 16, dtype=torch.long)
+    for i in range(blocks):
+        for sc in score_of_block(i).values():
+            b = bits_of(sc)
+            low += torch.bincount(b[(b >> 16) == hb] & 0xFFFF, minlength=1 << 16)
+    cum_low = low.cumsum(0) + below
+    lb = int(torch.searchsorted(cum_low, k))
+    value = (hb << 16) | lb  # the bits of the k-th lowest score
+    ties = k - (int(cum_low[lb - 1]) if lb else below)  # entries equal to it that are pruned
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for i in range(blocks):
+        out[i] = {}
+        for name, sc in score_of_block(i).items():
+            b = bits_of(sc)
+            keep = b > value
+            eq = (b == value).nonzero().squeeze(1)
+            keep[eq[ties:]] = True  # the first `ties` equal entries (global order) are pruned
+            ties = max(0, ties - eq.numel())
+            out[i][name] = keep.view(sc.shape)
     return out
 
 
