@@ -290,15 +290,18 @@ def test_wanda_and_activation_scores_through_the_launcher(tuned):
 def test_sparsegpt_through_the_launcher_equals_a_whole_model_reference(tuned, kind):
     """prune.score=sparsegpt: the frozen weights the re-tune starts from (and keeps: they are
     frozen) equal SparseGPT applied block after block on the whole tuned model, block i's
-    Hessian from a full forward with blocks < i already pruned."""
+    Hessian from a full forward with blocks < i already pruned; on two ranks too (each rank
+    pushes its calibration batches, the Hessians are summed, the projections split)."""
     from dsee_scale.adapters.layer import unwrap, weight_out_in
     from dsee_scale.pruning import unstructured as U
     from dsee_scale.pruning.sparsegpt import sparsegpt_prune
 
     cfg, ckpt, model_path = tuned[kind]
     out = tuned["root"] / f"sparsegpt-{kind}"
-    _, plan = prune(cfg, ckpt, out, 1, "prune.kind=unstructured", "prune.score=sparsegpt", "prune.ratio=0.5",
-                    "prune.calibration_batches=2", "train.max_steps=1")  # fmt: skip
+    nproc = 2 if kind == "llama" else 1  # two ranks: Hessians summed over ranks, projections split
+    args = ("prune.kind=unstructured", "prune.score=sparsegpt", "prune.ratio=0.5",
+            "prune.calibration_batches=2", "train.max_steps=1")  # fmt: skip
+    _, plan = prune(cfg, ckpt, out, nproc, *args)
     assert plan["weight_sparsity"] == pytest.approx(0.5, abs=0.01)
     exp = load_experiment(str(cfg))
     corpus = build_corpus(exp.data, ByteTokenizer())

@@ -170,23 +170,37 @@ def input_hooks(layers: dict[str, torch.nn.Module], fn) -> list:
 def layerwise_statistics(cm: CheckpointModel, batches: list[torch.Tensor]) -> CalibrationStats:
     """Per block and projection: sum of x^2 and of |x| over the calibration tokens of its input
     (Wanda norms, activation scores), layer-wise through the tuned blocks (BlockWalk)."""
-    walk = BlockWalk(cm, batches)
+    walk = BlockWalk(cm, [batches[j] for j in comm.my_share(len(batches))])  # each rank: its batches
     stats: CalibrationStats = {"tokens": sum(ids.numel() for ids in batches), "blocks": {}}
     for i in range(cm.dims.layers):
         b = cm.block(i).eval()
-        sq: dict = {}
-        ab: dict = {}
+        layers = U.prunable(b, ["*"])
+        sq: dict = {n: 0 for n in layers}
+        ab: dict = {n: 0 for n in layers}
 
         def add(name, x, sq=sq, ab=ab):
-            sq[name] = sq.get(name, 0) + x.pow(2).sum(0)
-            ab[name] = ab.get(name, 0) + x.abs().sum(0)
+            sq[name] = sq[name] + x.pow(2).sum(0)
+            ab[name] = ab[name] + x.abs().sum(0)
 
-        handles = input_hooks(U.prunable(b, ["*"]), add)
+        handles = input_hooks(layers, add)
         walk.advance(b)
         for handle in handles:
             handle.remove()
-        stats["blocks"][i] = {"sq": sq, "abs": ab}
+        stats["blocks"][i] = {"sq": summed_over_ranks(sq, layers), "abs": summed_over_ranks(ab, layers)}
     return stats
+
+
+def summed_over_ranks(part: dict, layers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Per-layer input sums of this rank's calibration batches, added over the ranks (a rank
+    without batches contributes zeros)."""
+    from ..adapters.layer import layer_dims, unwrap
+
+    out = {}
+    for name, layer in layers.items():
+        v = part[name]
+        t = v if torch.is_tensor(v) else torch.zeros(layer_dims(unwrap(layer))[0])
+        out[name] = comm.sum_over_ranks(t.double()).float()
+    return out
 
 
 @torch.no_grad()
@@ -196,34 +210,42 @@ def sparsegpt_blocks(
     """SparseGPT on every targeted projection, block after block: block i's Hessians come from
     the outputs of the already-pruned blocks before it (the DSEE updates stay on). Returns the
     keep-masks and the reconstructed frozen weights (out x in) per block."""
-    from ..adapters.layer import unwrap, weight_out_in
+    from ..adapters.layer import layer_dims, unwrap, weight_out_in
     from .sparsegpt import sparsegpt_prune
 
     nm = U.parse_nm(pc.nm) if pc.nm is not None else None
-    walk = BlockWalk(cm, batches)
+    walk = BlockWalk(cm, [batches[j] for j in comm.my_share(len(batches))])  # each rank: its batches
     keep: Masks = {}
     weights: dict[int, dict[str, torch.Tensor]] = {}
     for i in range(cm.dims.layers):
         b = cm.block(i).eval()
         layers = U.prunable(b, pc.targets or ["*"])
-        hess: dict[str, torch.Tensor] = {}
+        names = list(layers)
+        hess: dict[str, torch.Tensor] = {n: 0 for n in names}  # type: ignore[misc]
 
         def add(name, x, hess=hess):
-            hess[name] = hess.get(name, 0) + x.double().T @ x.double()
+            hess[name] = hess[name] + x.double().T @ x.double()
 
         handles = input_hooks(layers, add)
         walk.run(b)
         for handle in handles:
             handle.remove()
+        mine = {}
+        for j in range(len(names)):  # every rank adds its Hessians; each prunes its projections
+            name = names[j]
+            cols = layer_dims(unwrap(layers[name]))[0]
+            h = hess[name] if torch.is_tensor(hess[name]) else torch.zeros(cols, cols, dtype=torch.float64)
+            h = comm.sum_over_ranks(h)
+            if j in comm.my_share(len(names)):
+                try:
+                    mine[name] = sparsegpt_prune(weight_out_in(unwrap(layers[name])), h, pc.ratio, nm)
+                except ValueError as e:
+                    raise ConfigError(f"prune.nm: {cm.arch.block_prefix(i)}{name}: {e}") from None
         keep[i], weights[i] = {}, {}
-        for name, layer in layers.items():
-            w = weight_out_in(unwrap(layer))
-            try:
-                new, keep[i][name] = sparsegpt_prune(w, hess.pop(name), pc.ratio, nm)
-            except ValueError as e:
-                raise ConfigError(f"prune.nm: {cm.arch.block_prefix(i)}{name}: {e}") from None
+        for name, (new, k) in comm.merged_over_ranks(mine).items():
+            w = weight_out_in(unwrap(layers[name]))
             w.copy_(new.to(w.dtype))
-            weights[i][name] = w.detach().clone()
+            keep[i][name], weights[i][name] = k, w.detach().clone()
         walk.advance(b)  # the pruned block's outputs feed the next block
     return keep, weights
 
@@ -262,22 +284,30 @@ def _activation(stats: CalibrationStats | None, i: int, name: str) -> torch.Tens
 
 
 def structured_plan(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStats | None = None) -> Plan:
+    """Head and channel scores, each rank scoring its share of the blocks (exchanged), then the
+    plan every rank derives alike from all of them."""
     arch, dims = cm.arch, cm.dims
-    hs, cs = [], []
-    for i in range(dims.layers):
+
+    def block_scores(i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         b = cm.block(i)
+        h = c = None
         if pc.heads_per_layer:
-            hs.append(
+            h = (
                 _activation(stats, i, arch.o).view(dims.heads, dims.head_dim).sum(1)
                 if pc.head_score == "activation"
                 else block_head_scores(b, cm.config, pc.head_score)
             )
         if pc.channels_per_layer:
-            cs.append(
+            c = (
                 _activation(stats, i, arch.mlp_out)
                 if pc.channel_score == "activation"
                 else block_channel_scores(b, cm.config)
             )
+        return h, c
+
+    per_block = comm.merged_over_ranks({i: block_scores(i) for i in comm.my_share(dims.layers)})
+    hs = [per_block[i][0] for i in range(dims.layers) if per_block[i][0] is not None]
+    cs = [per_block[i][1] for i in range(dims.layers) if per_block[i][1] is not None]
     return make_plan(
         cm.config,
         torch.stack(hs) if hs else None,
@@ -289,17 +319,19 @@ def structured_plan(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStat
 
 
 def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStats | None = None) -> Masks:
-    """Keep-masks per block (names relative to the block). Scores are computed one block at a
-    time; a global threshold is found from streamed histograms (never all scores at once)."""
+    """Keep-masks per block (names relative to the block). Each rank scores its share of the
+    blocks, one block at a time; a global threshold is found from streamed histograms summed
+    over the ranks (never all scores at once); every rank gets every mask."""
 
     def score_of_block(i: int) -> dict[str, torch.Tensor]:
         norms = None if stats is None else {k: v.sqrt() for k, v in stats["blocks"][i]["sq"].items()}
         return U.scores(U.prunable(cm.block(i), pc.targets or ["*"]), pc.score, norms)
 
+    mine = comm.my_share(cm.dims.layers)  # each rank scores its share of the blocks
     if pc.nm is not None or pc.scope != "global":  # decided inside each matrix
         nm = U.parse_nm(pc.nm) if pc.nm is not None else None
-        return {i: U.masks(score_of_block(i), pc.ratio, pc.scope, nm) for i in range(cm.dims.layers)}
-    return U.streamed_global_masks(score_of_block, cm.dims.layers, pc.ratio)
+        return comm.merged_over_ranks({i: U.masks(score_of_block(i), pc.ratio, pc.scope, nm) for i in mine})
+    return U.streamed_global_masks(score_of_block, cm.dims.layers, pc.ratio, mine, comm.all_gather_objects)
 
 
 @dataclass

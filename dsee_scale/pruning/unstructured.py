@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -174,15 +175,23 @@ def masks(
 
 
 def streamed_global_masks(
-    score_of_block: Callable[[int], dict[str, torch.Tensor]], blocks: int, ratio: float
+    score_of_block: Callable[[int], dict[str, torch.Tensor]],
+    blocks: int,
+    ratio: float,
+    mine: list[int] | None = None,
+    gather: Callable[[Any], list[Any]] | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """masks(all scores, ratio, "global") without ever holding more than one block's scores:
     the k-th lowest score is found from two histograms of the float32 bit patterns (non-negative
     floats order as their bits do): the high 16 bits, then the low 16 bits inside the bin that
     holds the k-th; entries equal to it are pruned in the global order, as a stable sort would.
-    `score_of_block(i)` is called three times per block (scores are recomputed, not kept)."""
+    `score_of_block(i)` is called four times per block (scores are recomputed, not kept).
+    Split over ranks: each rank scores only the blocks in `mine`, and `gather(x)` returns every
+    rank's x (histograms are summed, tie counts and masks exchanged); every rank gets all masks."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"sparsity ratio {ratio}: must be in [0, 1)")
+    mine = list(range(blocks)) if mine is None else mine
+    gather = gather or (lambda x: [x])
 
     def bits_of(s: torch.Tensor) -> torch.Tensor:
         s = s.detach().float().reshape(-1) + 0.0  # -0.0 -> 0.0
@@ -190,40 +199,45 @@ def streamed_global_masks(
             raise ValueError("streamed global pruning needs non-negative, finite scores")
         return s.view(torch.int32).long()
 
+    def each_mine():
+        for i in mine:
+            for name, sc in score_of_block(i).items():
+                yield i, name, sc, bits_of(sc)
+
     high = torch.zeros(1 << 15, dtype=torch.long)
-    total = 0
-    for i in range(blocks):
-        for sc in score_of_block(i).values():
-            b = bits_of(sc)
-            high += torch.bincount(b >> 16, minlength=1 << 15)
-            total += b.numel()
-    k = int(round(ratio * total))
-    if k == 0:
-        return {i: {n: torch.ones(sc.shape, dtype=torch.bool) for n, sc in score_of_block(i).items()}
-                for i in range(blocks)}  # fmt: skip
+    for *_, b in each_mine():
+        high += torch.bincount(b >> 16, minlength=1 << 15)
+    high = sum(gather(high), torch.zeros_like(high))
+    k = int(round(ratio * int(high.sum())))
     cum = high.cumsum(0)
-    hb = int(torch.searchsorted(cum, k))  # the bin of the high bits that holds the k-th lowest
+    hb = int(torch.searchsorted(cum, max(k, 1)))  # the bin of the high bits that holds the k-th lowest
     below = int(cum[hb - 1]) if hb else 0
     low = torch.zeros(1 << 16, dtype=torch.long)
-    for i in range(blocks):
-        for sc in score_of_block(i).values():
-            b = bits_of(sc)
-            low += torch.bincount(b[(b >> 16) == hb] & 0xFFFF, minlength=1 << 16)
+    for *_, b in each_mine():
+        low += torch.bincount(b[(b >> 16) == hb] & 0xFFFF, minlength=1 << 16)
+    low = sum(gather(low), torch.zeros_like(low))
     cum_low = low.cumsum(0) + below
-    lb = int(torch.searchsorted(cum_low, k))
-    value = (hb << 16) | lb  # the bits of the k-th lowest score
-    ties = k - (int(cum_low[lb - 1]) if lb else below)  # entries equal to it that are pruned
+    lb = int(torch.searchsorted(cum_low, max(k, 1)))
+    value = (hb << 16) | lb if k else -1  # the bits of the k-th lowest score (k = 0: prune none)
+    ties = k - (int(cum_low[lb - 1]) if lb else below) if k else 0  # equal entries that are pruned
+    equal: dict[tuple[int, str], int] = {}  # entries equal to it, per matrix, in global order
+    for part in gather({(i, n): int((b == value).sum()) for i, n, _, b in each_mine()}):
+        equal.update(part)
+    keys = list(equal)  # a block's matrices arrive together, in score_of_block's order
+    order = sorted(keys, key=lambda key: (key[0], keys.index(key)))
+    before, seen = {}, 0
+    for key in order:  # how many of the pruned ties earlier matrices take
+        before[key], seen = seen, seen + equal[key]
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for i in range(blocks):
-        out[i] = {}
-        for name, sc in score_of_block(i).items():
-            b = bits_of(sc)
-            keep = b > value
-            eq = (b == value).nonzero().squeeze(1)
-            keep[eq[ties:]] = True  # the first `ties` equal entries (global order) are pruned
-            ties = max(0, ties - eq.numel())
-            out[i][name] = keep.view(sc.shape)
-    return out
+    mine_out: dict[int, dict[str, torch.Tensor]] = {}
+    for i, name, sc, b in each_mine():
+        keep = b > value
+        eq = (b == value).nonzero().squeeze(1)
+        keep[eq[max(0, ties - before[(i, name)]) :]] = True  # the first `ties` equal entries are pruned
+        mine_out.setdefault(i, {})[name] = keep.view(sc.shape)
+    for part in gather(mine_out):
+        out.update(part)
+    return {i: out[i] for i in range(blocks)}
 
 
 def _keep_top(s: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -81,7 +81,7 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def sum_over_ranks(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """Element-wise sum over ranks of a short vector, as float64 on the CPU."""
+    """Element-wise sum over ranks of a tensor (or a list of numbers), as float64 on the CPU."""
     t = torch.as_tensor(values, dtype=torch.float64).to(device())
     if rank_and_world()[1] > 1:
         dist.all_reduce(t)
@@ -100,6 +100,20 @@ def all_gather_objects(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * world
     dist.all_gather_object(out, obj)
+    return out
+
+
+def my_share(n: int) -> list[int]:
+    """This rank's items of range(n) when n items are split over the ranks (round robin)."""
+    rank, world = rank_and_world()
+    return list(range(rank, n, world))
+
+
+def merged_over_ranks(mine: dict) -> dict:
+    """The union of every rank's dict (picklable values); every rank gets it."""
+    out: dict = {}
+    for part in all_gather_objects(mine):
+        out.update(part)
     return out
 
 
