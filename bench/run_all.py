@@ -63,6 +63,24 @@ BENCHES = {
     "gguf_speed": ([], None, 20),
     "support_launcher": ([], None, 5),
     "instruct": (["--seeds", "0,1,2"], ["--steps", "2", "--generate", "3", "--eval-rows", "2"], 50),
+    "frontier": (
+        [],
+        [
+            "--cells",
+            "stdlib:qv",
+            "--seeds",
+            "0",
+            "--steps",
+            "2",
+            "--lrs",
+            "1e-3",
+            "--lora-ranks",
+            "4",
+            "--eval-blocks",
+            "4",
+        ],  # fmt: skip
+        240,
+    ),
 }
 
 

@@ -46,6 +46,17 @@ def tuned(tmp_path_factory):
     return out
 
 
+def calibration_batches(cfg, n):
+    """The launcher's calibration batches (prune.calibration_batches=n), rebuilt independently."""
+    exp = load_experiment(str(cfg))
+    corpus = build_corpus(exp.data, ByteTokenizer())
+    t = exp.train
+    return [
+        micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)["input_ids"]
+        for s in range(n)
+    ]
+
+
 def prune(cfg, ckpt, out, nproc, *overrides):
     r = check(
         launch(
@@ -251,13 +262,7 @@ def test_wanda_and_activation_scores_through_the_launcher(tuned):
         "train.max_steps=1",
     )
     # the same masks as the library computes on the whole tuned model with the same batches
-    exp = load_experiment(str(cfg))
-    corpus = build_corpus(exp.data, ByteTokenizer())
-    t = exp.train
-    batches = [
-        micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)["input_ids"]
-        for s in range(2)
-    ]
+    batches = calibration_batches(cfg, 2)
     model = rebuilt(ckpt, model_path)
     layers = U.prunable(model)
     keep = U.masks(U.scores(layers, "wanda", U.input_norms(model, layers, batches)), 0.3, "global")
@@ -303,13 +308,7 @@ def test_sparsegpt_through_the_launcher_equals_a_whole_model_reference(tuned, ki
             "prune.calibration_batches=2", "train.max_steps=1")  # fmt: skip
     _, plan = prune(cfg, ckpt, out, nproc, *args)
     assert plan["weight_sparsity"] == pytest.approx(0.5, abs=0.01)
-    exp = load_experiment(str(cfg))
-    corpus = build_corpus(exp.data, ByteTokenizer())
-    t = exp.train
-    batches = [
-        micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)["input_ids"]
-        for s in range(2)
-    ]
+    batches = calibration_batches(cfg, 2)
     model = rebuilt(ckpt, model_path).eval()
     layers = U.prunable(model)
     blocks = sorted({n.split(".")[2] for n in layers}, key=int)  # model.layers.<i>. / transformer.h.<i>.
