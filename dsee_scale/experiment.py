@@ -141,10 +141,13 @@ class EvalConfig:
 class CheckpointConfig:
     every: int = 100  # optimizer steps; also at the end
     keep_last: int = 2
+    universal_timeout_s: int = 7200  # resuming on another world size: the conversion's own limit
 
     def validate(self, section: str = "checkpoint") -> None:
         if self.every < 1 or self.keep_last < 1:
             raise ConfigError(f"{section}: every and keep_last must be >= 1")
+        if self.universal_timeout_s < 1:
+            raise ConfigError(f"{section}.universal_timeout_s: must be >= 1 (seconds)")
 
 
 @dataclass

@@ -247,3 +247,21 @@ def test_skips_counts_and_stops_after_k_in_a_row():
         assert "applied the step" in str(e)
     else:
         raise AssertionError("an applied step with a NaN loss must stop the run")
+
+
+def test_universal_conversion_waits_under_its_own_timeout_and_reports_rank0s_failure(tmp_path):
+    """Ranks > 0 wait for rank 0's universal conversion on the filesystem, with
+    checkpoint.universal_timeout_s, and stop with rank 0's reason when it failed."""
+    import pytest
+
+    from dsee_scale.errors import UserError
+    from dsee_scale.training.checkpoint import ensure_universal
+
+    (tmp_path / "step_3").mkdir()
+    with pytest.raises(UserError, match="did not finish within checkpoint.universal_timeout_s=1"):
+        ensure_universal(tmp_path, "step_3", rank=1, timeout_s=1)
+    (tmp_path / "step_3_universal.failed").write_text("no space left on device")
+    with pytest.raises(UserError, match="failed on rank 0: no space left on device"):
+        ensure_universal(tmp_path, "step_3", rank=1, timeout_s=60)
+    (tmp_path / "step_3_universal" / "zero").mkdir(parents=True)  # done: returns at once
+    assert ensure_universal(tmp_path, "step_3", rank=1, timeout_s=1) == "step_3_universal"

@@ -115,6 +115,9 @@ def test_structured_prune_is_exact_and_the_same_on_one_and_two_ranks(tuned, kind
 
 
 def test_unstructured_masks_survive_retuning_checkpoints_and_resume(tuned):
+    """Pruned on one rank, resumed on two: the universal checkpoint carries only the trained
+    parameters, so the pruned frozen weights are restored from the original one (each rank
+    reads every other one and broadcasts it); the zeros are all there at the end."""
     cfg, ckpt, _ = tuned["llama"]
     root = tuned["root"]
     out = root / "sparse"
@@ -122,7 +125,7 @@ def test_unstructured_masks_survive_retuning_checkpoints_and_resume(tuned):
         cfg,
         ckpt,
         out,
-        2,
+        1,
         "prune.kind=unstructured",
         "prune.ratio=0.5",
         "prune.scope=layer",
@@ -133,7 +136,7 @@ def test_unstructured_masks_survive_retuning_checkpoints_and_resume(tuned):
     check(
         launch(
             ROOT / "launchers" / "prune.py",
-            1,
+            2,
             "--resume",
             f"output_dir={out}",
             "train.max_steps=4",

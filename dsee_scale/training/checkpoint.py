@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+import time
 import typing
 from dataclasses import asdict
 from pathlib import Path
@@ -199,35 +201,42 @@ def load_supports(root: Path, tag: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def ensure_universal(root: Path, tag: str, rank: int) -> str:
-    """Convert `tag` to a universal checkpoint once (rank 0); returns the universal tag."""
+def ensure_universal(root: Path, tag: str, rank: int, timeout_s: int = 7200) -> str:
+    """Convert `tag` to a universal checkpoint once (rank 0, with DeepSpeed's converter on as
+    many workers as the node has cores); returns the universal tag. The other ranks wait for
+    the result on the filesystem under `timeout_s` (checkpoint.universal_timeout_s), not in a
+    collective that the process group's timeout would end first."""
     utag = fmt.universal_tag(tag)
-    if rank == 0 and not (root / utag / "zero").is_dir():
+    done = root / utag / "zero"
+    failed = root / f"{utag}.failed"
+    started = time.time() - 60  # a failure marker older than this attempt (minus clock skew) is stale
+    if rank == 0 and not done.is_dir():
         tmp = root / f"{utag}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "deepspeed.checkpoint.ds_to_universal",
-                "--input_folder",
-                str(root / tag),
-                "--output_folder",
-                str(tmp),
-                "--num_extract_workers",
-                "1",
-                "--num_merge_workers",
-                "1",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode != 0:
-            raise UserError(
-                f"--resume: converting {tag} to a universal checkpoint failed: "
-                f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
-            )
+        failed.unlink(missing_ok=True)
+        workers = str(max(1, os.cpu_count() or 1))
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(root / tag), "--output_folder", str(tmp),
+               "--num_extract_workers", workers, "--num_merge_workers", workers]  # fmt: skip
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1] if r.returncode else None
+        except subprocess.TimeoutExpired:
+            why = f"it took longer than checkpoint.universal_timeout_s={timeout_s}"
+        if why is not None:
+            fmt.write_atomic(failed, why)
+            raise UserError(f"--resume: converting {tag} to a universal checkpoint failed: {why}")
         os.replace(tmp, root / utag)
+    waited = 0.0
+    while not done.is_dir():  # ranks > 0 (rank 0 has finished by now)
+        if failed.is_file() and failed.stat().st_mtime >= started:
+            raise UserError(f"--resume: converting {tag} to a universal checkpoint failed on rank 0: "
+                            f"{failed.read_text().strip()}")  # fmt: skip
+        if waited > timeout_s:
+            raise UserError(f"--resume: rank 0's universal conversion of {tag} did not finish within "
+                            f"checkpoint.universal_timeout_s={timeout_s}")  # fmt: skip
+        time.sleep(1.0)
+        waited += 1.0
     comm.barrier()
     return utag
 
@@ -235,8 +244,10 @@ def ensure_universal(root: Path, tag: str, rank: int) -> str:
 def restore_frozen(model, root: Path, tag: str, rank: int) -> None:
     """DeepSpeed's universal checkpoints carry the trained (optimizer) parameters only: frozen
     weights would stay as the freshly built model has them (wrong for pruned or random-config
-    models). Read them from the original checkpoint, one at a time."""
+    models). Read them from the original checkpoint, one at a time, each by one rank (in turn)
+    and broadcast."""
     ck = ZeroCheckpoint(root, tag)
-    for name, p in model.named_parameters():
-        if not p.requires_grad and name in ck.frozen_shapes:
-            zero.copy_full_into(model, name, ck.tensor(name), rank)
+    world = comm.rank_and_world()[1]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and n in ck.frozen_shapes]
+    for i, name in enumerate(frozen):  # the reads spread over the ranks: rank i % world reads the i-th
+        zero.copy_full_into(model, name, functools.partial(ck.tensor, name), rank, writer=i % world)

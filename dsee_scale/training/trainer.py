@@ -134,7 +134,7 @@ class TrainingRun:
         ckpt.check_same_run(fmt.read_experiment(root / tag), self.exp, root / tag)
         load_tag = tag
         if meta["world_size"] != self.world:
-            load_tag = ckpt.ensure_universal(root, tag, self.rank)
+            load_tag = ckpt.ensure_universal(root, tag, self.rank, self.exp.checkpoint.universal_timeout_s)
             self.ds.setdefault("checkpoint", {})["load_universal"] = True
         return ResumePoint(root, tag, load_tag, meta)
 

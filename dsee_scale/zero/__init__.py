@@ -95,16 +95,21 @@ def full_tensors_one_per_rank(
         yield min(start + world, len(items)), mine
 
 
-def copy_full_into(model: nn.Module, name: str, src: torch.Tensor, rank: int) -> None:
+def copy_full_into(
+    model: nn.Module, name: str, src: torch.Tensor | Callable[[], torch.Tensor], rank: int, writer: int = 0
+) -> None:
     """Write the full tensor `src` into parameter / buffer `name` (partitioned or not): gathered
-    alone, written by rank 0, re-partitioned on exit."""
+    alone, written by rank `writer` (broadcast to the others), re-partitioned on exit. `src` may
+    be a function: then only the ranks that write call it (reads spread over ranks by `writer`)."""
     target: torch.Tensor
     try:
         target = model.get_parameter(name)
     except AttributeError:
         target = model.get_buffer(name)
-    with torch.no_grad(), gathered([target], modifier_rank=0):
-        if rank == 0 or not is_partitioned(target):
+    with torch.no_grad(), gathered([target], modifier_rank=writer):
+        if rank == writer or not is_partitioned(target):
+            if callable(src):
+                src = src()
             if tuple(target.shape) != tuple(src.shape):
                 raise RuntimeError(f"{name}: source shape {tuple(src.shape)} != model {tuple(target.shape)}")
             target.copy_(src.to(target.device, target.dtype))
