@@ -118,6 +118,42 @@ def load_model(cfg: ModelConfig):
     return model
 
 
+def dequantized_once_per_node(cfg: ModelConfig, local_rank: int, timeout_s: int = 3600) -> ModelConfig:
+    """A GGUF model as a safetensors directory that the node's local rank 0 writes once (the
+    dequantization runs there alone, whole-model in memory once per node) and every rank then
+    loads like any model directory: memory-mapped, and partitioned under ZeRO-3. Cached under
+    $DSEE_SCALE_CACHE (default ~/.cache/dsee_scale)/models by the file's path, size, mtime and
+    dtype; the others wait up to `timeout_s`. Other models come back unchanged."""
+    import hashlib
+    import shutil
+    import time
+
+    mc = resolve_preset(cfg)
+    if mc.gguf_file is None:
+        return cfg
+    g = Path(mc.gguf_file).resolve()
+    st = g.stat()
+    key = hashlib.sha256(f"{g}:{st.st_size}:{st.st_mtime_ns}:{mc.dtype}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("DSEE_SCALE_CACHE", Path.home() / ".cache" / "dsee_scale")) / "models"
+    d = root / f"{g.stem}-{mc.dtype}-{key}"
+    if local_rank == 0 and not (d / "config.json").is_file():
+        tmp = root / f".{d.name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        load_model(mc).save_pretrained(str(tmp), safe_serialization=True)
+        try:
+            os.replace(tmp, d)  # atomic: a reader never sees half a directory
+        except OSError:  # another node's rank 0 (shared filesystem) was first
+            shutil.rmtree(tmp, ignore_errors=True)
+    waited = 0.0
+    while not (d / "config.json").is_file():
+        if waited > timeout_s:
+            raise UserError(f"model.gguf_file: the node's local rank 0 did not write the dequantized "
+                            f"model {str(d)!r} within {timeout_s} s")  # fmt: skip
+        time.sleep(0.5)
+        waited += 0.5
+    return dataclasses.replace(mc, gguf_file=None, path=str(d), tokenizer=mc.tokenizer or str(g))
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 

@@ -15,6 +15,7 @@ from helpers import (
     check,
     launch,
     logits_without_dsee_scale,
+    losses,
     rebuilt,
     save_model_with_tokenizer,
     write_config,
@@ -77,6 +78,26 @@ def test_gguf_files_load_in_transformers_with_the_exports_logits(runs, run, tmp_
     want = AutoTokenizer.from_pretrained(hf)(text)["input_ids"]
     got = AutoTokenizer.from_pretrained(gg, gguf_file="model-f16.gguf")(text)["input_ids"]
     assert got[1:] == want and got[0] == 1
+
+
+def test_two_ranks_train_from_a_gguf_dequantized_once_per_node(runs, tmp_path, monkeypatch):
+    """model.gguf_file on two ranks: the node's local rank 0 dequantizes the GGUF once into a
+    safetensors directory that both ranks load (partitioned); the run's losses are the losses
+    of a one-rank run that loads the GGUF directly."""
+    monkeypatch.setenv("DSEE_SCALE_CACHE", str(tmp_path / "cache-root"))
+    gg = tmp_path / "gguf"
+    export_checkpoint(str(runs / "gqa" / "tuned" / "checkpoints"), str(gg), fmt="gguf", gguf_types="f16")
+    got = {}
+    for n in (1, 2):
+        cfg = write_config(tmp_path / f"g{n}.yaml", gg, tmp_path / f"run{n}", tmp_path / "cache",
+                           train={"max_steps": 2}, checkpoint={"every": 2})  # fmt: skip
+        check(launch(cfg, n, "model.path=null", f"model.gguf_file={gg / 'model-f16.gguf'}"))
+        got[n] = losses(tmp_path / f"run{n}")
+    assert sorted(got[2]) == [1, 2]
+    for s in (1, 2):
+        assert got[2][s] == pytest.approx(got[1][s], rel=1e-4, abs=1e-4), (s, got)
+    made = list((tmp_path / "cache-root" / "models").iterdir())
+    assert len(made) == 1 and (made[0] / "config.json").is_file(), made  # one rank wrote it, once
 
 
 def test_what_gguf_cannot_take_is_a_one_line_error(runs, tmp_path):

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from .. import zero
 from ..errors import ConfigError
 from ..experiment import ExperimentConfig
+from ..zero import comm
 
 
 def _fill(node: dict, key: str, value, yaml_key: str, source: str) -> None:
@@ -141,15 +143,19 @@ def zero_stage(ds: dict) -> int:
 
 def build_model(exp: ExperimentConfig, ds: dict):
     """The base model, partitioned while it loads under ZeRO-3 (never a full copy per rank)."""
-    from ..models import load_model
+    from ..models import dequantized_once_per_node, load_model
 
-    if zero_stage(ds) == 3:
-        zero.partitioned_loading(copy.deepcopy(ds))
     mc = copy.copy(exp.model)
     if exp.train.precision == "bf16":
         mc.dtype = "bfloat16"
     elif exp.train.precision == "fp16":
         mc.dtype = "float16"
+    if comm.rank_and_world()[1] > 1:  # a GGUF: dequantized by one rank per node, then loaded by all
+        mc = dequantized_once_per_node(
+            mc, int(os.environ.get("LOCAL_RANK", 0)), exp.train.collective_timeout_s
+        )
+    if zero_stage(ds) == 3:
+        zero.partitioned_loading(copy.deepcopy(ds))
     return load_model(mc)
 
 
