@@ -150,6 +150,17 @@ class CheckpointConfig:
             raise ConfigError(f"{section}.universal_timeout_s: must be >= 1 (seconds)")
 
 
+def parse_nm(text: str) -> tuple[int, int]:
+    """ "2:4" -> (2, 4); ValueError unless 0 < N < M."""
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"N:M pattern {text!r}: write it as two integers, e.g. 2:4") from None
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern {text!r}: needs 0 < N < M")
+    return n, m
+
+
 @dataclass
 class PruneConfig:
     """The `prune:` section."""
@@ -175,8 +186,6 @@ class PruneConfig:
         if self.calibration_batches < 1:
             raise ConfigError(f"{section}.calibration_batches: must be >= 1")
         if self.nm is not None:
-            from .pruning.unstructured import parse_nm
-
             try:
                 n, m = parse_nm(str(self.nm))
             except ValueError as e:

@@ -35,7 +35,7 @@ from ..checkpoint import ZeroCheckpoint
 from ..checkpoint import format as fmt
 from ..config import from_dict
 from ..errors import ConfigError, UserError
-from ..experiment import ExperimentConfig, PruneConfig, load_experiment
+from ..experiment import ExperimentConfig, PruneConfig, load_experiment, parse_nm
 from ..models import ModelConfig, load_config, load_tokenizer, resolve_preset
 from ..zero import comm
 from . import unstructured as U
@@ -213,7 +213,7 @@ def sparsegpt_blocks(
     from ..adapters.layer import layer_dims, unwrap, weight_out_in
     from .sparsegpt import sparsegpt_prune
 
-    nm = U.parse_nm(pc.nm) if pc.nm is not None else None
+    nm = parse_nm(pc.nm) if pc.nm is not None else None
     walk = BlockWalk(cm, [batches[j] for j in comm.my_share(len(batches))])  # each rank: its batches
     keep: Masks = {}
     weights: dict[int, dict[str, torch.Tensor]] = {}
@@ -329,7 +329,7 @@ def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationS
 
     mine = comm.my_share(cm.dims.layers)  # each rank scores its share of the blocks
     if pc.nm is not None or pc.scope != "global":  # decided inside each matrix
-        nm = U.parse_nm(pc.nm) if pc.nm is not None else None
+        nm = parse_nm(pc.nm) if pc.nm is not None else None
         return comm.merged_over_ranks({i: U.masks(score_of_block(i), pc.ratio, pc.scope, nm) for i in mine})
     return U.streamed_global_masks(score_of_block, cm.dims.layers, pc.ratio, mine, comm.all_gather_objects)
 

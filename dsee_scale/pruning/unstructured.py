@@ -139,17 +139,6 @@ def _relative(s: torch.Tensor) -> torch.Tensor:
     return s / scale if scale > 0 else s
 
 
-def parse_nm(text: str) -> tuple[int, int]:
-    """ "2:4" -> (2, 4); ValueError unless 0 < N < M."""
-    try:
-        n, m = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise ValueError(f"N:M pattern {text!r}: write it as two integers, e.g. 2:4") from None
-    if not 0 < n < m:
-        raise ValueError(f"N:M pattern {text!r}: needs 0 < N < M")
-    return n, m
-
-
 def masks(
     score: dict[str, torch.Tensor], ratio: float, scope: str = "global", nm: tuple[int, int] | None = None
 ) -> dict[str, torch.Tensor]:
