@@ -271,7 +271,12 @@ def paired(a: list[dict], b: list[dict], reps: int = 4000) -> dict:
         "per_seed": per_seed,
         "perplexity_ratio": math.exp(mean),
         "perplexity_ratio_ci95": [math.exp(lo), math.exp(hi)],
-        "verdict": "DSEE better" if hi < 0 else "LoRA better" if lo > 0 else "no difference beyond noise",
+        "verdict": ("DSEE better" if hi < 0 else "LoRA better" if lo > 0 else "no difference beyond noise")
+        + (
+            ""
+            if len(seeds) >= 3
+            else f" (on {len(seeds)} seed(s): block noise only, seed noise not measured)"
+        ),
     }
 
 
@@ -300,6 +305,7 @@ def summarize(runs: list[dict], cells: list[str], seeds: list[int]) -> dict:
                 "method": method, "r": r, "k": k, "label": label,
                 "trainable": g[0]["trainable"], "density": g[0]["density"], "lr": g[0]["lr"],
                 "lr_sweep": dict(sorted(sweep[(method, r, k)].items())),
+                "lr_bracketed": min(sweep[(method, r, k)]) < g[0]["lr"] < max(sweep[(method, r, k)]),
                 "seeds": sorted(x["seed"] for x in g), "perplexity_mean": statistics.fmean(ppl),
                 "perplexity_sd": statistics.stdev(ppl) if len(ppl) > 1 else None,
                 "seconds_mean": statistics.fmean(x["seconds"] for x in g),
@@ -361,6 +367,7 @@ def main() -> None:
             "dsee_grid": [f"{r}+{k}" for r, k in DSEE_GRID],
             "seeds": args.seeds,
             "cells": summarize(runs, cells, args.seeds),
+            "cells_requested": cells,
             "runs_file": str(RUNS.relative_to(RESULTS.parent.parent))
             if RUNS.is_relative_to(RESULTS.parent.parent)
             else str(RUNS),

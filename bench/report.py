@@ -487,13 +487,19 @@ class Report:
             "bootstrap 95% interval; a ratio below 1 favours DSEE.\n"
         )  # fmt: skip
         cells = f["cells"]
+        missing = [c for c in f.get("cells_requested", []) if c not in cells]
+        if missing:
+            self.add(
+                f"Not run yet: {', '.join(missing)} (`python bench/frontier.py` resumes where it stopped).\n"
+            )
         fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), squeeze=False)
         for ax, (name, c) in zip(axes[0], cells.items(), strict=True):
             self.add(f"### {name} (untuned held-out ppl {c['base_perplexity']:.3f})\n")
             rows = []
             for q in c["points"]:
                 sweep = ", ".join(f"{float(lr):g}: {v:.3f}" for lr, v in q["lr_sweep"].items())
-                rows.append([q["label"], q["trainable"], f"{100 * q['density']:.2f}%", sweep, q["lr"],
+                best = f"{q['lr']:g}" + ("" if q.get("lr_bracketed") else " (sweep not finished)")
+                rows.append([q["label"], q["trainable"], f"{100 * q['density']:.2f}%", sweep, best,
                              q["perplexity_mean"], q["perplexity_sd"], len(q["seeds"])])  # fmt: skip
             self.add(table(["config", "trainable", "S density", "lr sweep (seed 0 ppl)", "best lr",
                             "held-out ppl (mean)", "sd", "seeds"], rows))  # fmt: skip

@@ -29,7 +29,7 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "results"
     results.mkdir()
-    for name in ("adapter_step", "pruning", "zero3_step", "quality", "quality_seed1"):
+    for name in ("adapter_step", "pruning", "zero3_step", "quality", "quality_seed1", "frontier"):
         shutil.copy(BENCH / "results" / f"{name}.json", results)
     r = run(BENCH / "report.py", "--results", results, "--out", tmp_path / "REPORT.md")
     assert r.returncode == 0, r.stderr
@@ -46,6 +46,13 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
         assert f"| {k} | 1 | {a:,.3f} | {b:,.3f} | {b - a:,.3f} |" in text
     lora = q["lora_r8"]["heldout_perplexity"] >= q["dsee_grebsmo"]["heldout_perplexity"]
     assert f"trainable): **{'met' if lora else 'missed'}**" in text
+    f = json.loads((results / "frontier.json").read_text())
+    for cell in f["cells"].values():  # the paired comparisons as measured, each with its interval
+        for x in cell["paired"]:
+            lo, hi = x["perplexity_ratio_ci95"]
+            assert (
+                f"| {x['dsee']} | {x['lora']} | {x['perplexity_ratio']:,.3f} | [{lo:.4f}, {hi:.4f}] |" in text
+            )
     pngs = sorted(x.name for x in (results / "plots").glob("*.png"))
     assert {
         "ppl_vs_sparsity.png",
@@ -54,6 +61,7 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
         "ppl_vs_trainable.png",
         "heatmap_layer_sparsity.png",
         "heatmap_head_importance.png",
+        "frontier.png",
     } <= set(pngs)
     (results / "quality.json").unlink()
     assert run(BENCH / "report.py", "--results", results, "--out", tmp_path / "R2.md").returncode == 0
