@@ -86,6 +86,7 @@ def test_bench_bad_arguments_are_one_line_errors():
                 "gguf_speed",
                 "support_launcher",
                 "instruct",
+                "frontier",
             ]
         )
         + ")"
