@@ -162,6 +162,26 @@ def parse_nm(text: str) -> tuple[int, int]:
 
 
 @dataclass
+class DistillConfig:
+    """`prune.distill`: knowledge distillation from the unpruned tuned model while re-tuning
+    (the teacher runs forward only, partitioned under ZeRO-3 like the student). The loss is
+    lm_weight x cross-entropy + kl_weight x T^2 x KL(teacher_T || student_T), the KL taken over
+    the label tokens with both distributions softened by temperature T (Hinton et al. 2015)."""
+
+    kl_weight: float = 0.0  # 0: no distillation (no teacher is built)
+    lm_weight: float = 1.0
+    temperature: float = 2.0
+
+    def validate(self, section: str = "prune.distill") -> None:
+        if self.kl_weight < 0 or self.lm_weight < 0:
+            raise ConfigError(f"{section}: kl_weight and lm_weight must be >= 0")
+        if self.kl_weight == 0 and self.lm_weight == 0:
+            raise ConfigError(f"{section}: kl_weight and lm_weight are both 0; nothing would train")
+        if self.temperature <= 0:
+            raise ConfigError(f"{section}.temperature: got {self.temperature}, must be > 0")
+
+
+@dataclass
 class PruneConfig:
     """The `prune:` section."""
 
@@ -177,6 +197,14 @@ class PruneConfig:
     score: Literal["magnitude", "abs", "wabs", "wanda", "sparsegpt"] = "wabs"  # unstructured
     calibration_batches: int = 4  # activation / wanda scores: micro-batches of the train data
     targets: list[str] = field(default_factory=list)  # unstructured: patterns (default: all block linears)
+    # unstructured: the re-tuned update is applied only where the pruned W is non-zero, so the
+    # merged (exported) model keeps the sparsity; false: the update refills its rows on merge
+    keep_zeros: bool = True
+    # recovery: fresh DSEE adapters for the re-tuning (a dsee section, e.g. every linear of each
+    # block); the tuned update is then merged into W before W is pruned. Unset: the tuned
+    # adapters (cut to the pruned shapes) continue training.
+    recovery: DSEEConfig | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self, section: str = "prune") -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -199,6 +227,11 @@ class PruneConfig:
                     f"{section}.ratio: got {self.ratio}, but {section}.nm {self.nm} prunes {1 - n / m:g} "
                     f"(set ratio: {1 - n / m:g}, or leave nm unset)"
                 )
+        if self.recovery is not None and self.recovery.support == "gradient":
+            raise ConfigError(
+                f"{section}.recovery.support: gradient is not available for recovery adapters "
+                "(allowed: grebsmo, svd, magnitude, random)"
+            )
         if self.kind == "structured" and not (self.heads_per_layer or self.channels_per_layer):
             raise ConfigError(
                 f"{section}: structured pruning needs heads_per_layer or channels_per_layer > 0"

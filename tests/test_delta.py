@@ -133,6 +133,53 @@ def test_merge_then_unmerge(kind, slices):
     torch.testing.assert_close(layer(x), y)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("slices", [("full",), ("q", "v")])
+def test_keep_zeros_masks_the_update_by_the_pruned_weight(kind, slices):
+    """dsee.keep_zeros (a pruned model's re-tuning): y = W x + ((alpha/r)(BA + S) * [W != 0]) x,
+    against dense math with an explicit mask; A, B, S get the masked dense gradient, and merging
+    keeps every zero of W (what the export writes)."""
+    layer = make_layer(kind, slices)
+    W = weight_out_in(layer.base_layer)
+    with torch.no_grad():
+        W[torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) < 0.5] = 0.0
+    zeros = W == 0
+    layer.keep_zeros = True
+    x = torch.randn(3, 5, IN)
+    y = layer(x)
+    full = W.detach().clone()
+    params = {}
+    for name, d in layer.dsee.items():
+        lo, hi = layer.bounds(name)
+        A = d.lora_A.detach().clone().requires_grad_()
+        B = d.lora_B.detach().clone().requires_grad_()
+        S = torch.zeros(OUT, IN)
+        S[d.sparse_index[0], d.sparse_index[1]] = d.sparse_values.detach()
+        S.requires_grad_()
+        params[name] = (A, B, S)
+        full = full.clone()
+        full[lo:hi] = full[lo:hi] + d.scaling * (B @ A + S) * (~zeros[lo:hi])
+    y_ref = x @ full.T + layer.base_layer.bias
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    unmasked = make_layer(kind, slices)
+    with torch.no_grad():
+        weight_out_in(unmasked.base_layer).copy_(W)
+    assert (unmasked(x) - y).abs().max() > 1e-2  # the mask matters: a dense update differs
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    for name, d in layer.dsee.items():
+        A, B, S = params[name]
+        torch.testing.assert_close(d.lora_A.grad, A.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(d.lora_B.grad, B.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(d.sparse_values.grad, S.grad[d.sparse_index[0], d.sparse_index[1]])
+    layer.merge()
+    merged = weight_out_in(layer.base_layer)
+    assert torch.equal(merged == 0, zeros)
+    torch.testing.assert_close(merged, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), y_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_update_is_zero_at_init():
     d = SparseLowRankDelta(IN, OUT, R, ALPHA, torch.zeros(2, N, dtype=torch.long))
     d.reset_parameters(torch.Generator().manual_seed(0))

@@ -55,3 +55,21 @@ def test_fixed_value_that_conflicts(tmp_path):
 def test_missing_deepspeed_file():
     with pytest.raises(ConfigError, match="does not exist"):
         exp("deepspeed=nope.json")
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["prune.recovery.support=gradient"], "prune.recovery.support: gradient is not available"),
+        (["prune.recovery.r=0"], "prune.recovery.r: got 0"),
+        (["prune.distill.kl_weight=-1"], "prune.distill: kl_weight and lm_weight must be >= 0"),
+        (["prune.distill.lm_weight=0"], "kl_weight and lm_weight are both 0"),
+        (["prune.distill.kl_weight=1", "prune.distill.temperature=0"], "prune.distill.temperature"),
+        (["prune.distill.tau=2"], "prune.distill.tau: unknown key"),
+    ],
+)
+def test_recovery_and_distillation_settings_are_checked(overrides, needle):
+    """prune.recovery is a dsee section (checked as one); prune.distill's weights and temperature."""
+    base = ["prune.kind=unstructured", "prune.ratio=0.5"]
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_experiment(str(ROOT / "configs" / "gpt2-tiny.yaml"), base + overrides)

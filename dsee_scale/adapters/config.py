@@ -33,6 +33,7 @@ class DSEEConfig:
     grebsmo_rank_fraction: float = 0.65  # V stops growing at this fraction of min(out, in)
     svd_rank: int = 16
     gradient_batches: int = 8  # support "gradient": calibration micro-batches of the train data
+    keep_zeros: bool = False  # the update only where W != 0 (a pruned W stays sparse when merged)
 
     def __post_init__(self):
         if self.target_modules is None:

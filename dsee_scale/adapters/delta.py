@@ -19,6 +19,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # torch says so once per process on the first CSR tensor; the kernels used here are stable.
@@ -145,7 +146,11 @@ class SparseLowRankDelta(nn.Module):
             self.lora_B.zero_()
             self.sparse_values.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The update applied to x; with `keep` (a boolean out x in mask, dsee.keep_zeros) only
+        its kept entries, through the dense masked update (as a merged weight would be)."""
+        if keep is not None:
+            return F.linear(self.dropout(x), (self.delta_weight() * keep.to(self.lora_A.dtype)).to(x.dtype))
         return sparse_low_rank_update(
             self.dropout(x), self.lora_A, self.lora_B, self.sparse_values, self.sparse_index, self.scaling
         )

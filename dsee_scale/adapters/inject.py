@@ -265,7 +265,10 @@ def inject(
             t.slice: build_delta(model, t, cfg, supports[t.key]).to(zero.placement(w), w.dtype) for t in ts
         }
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, DSEELayer(base, deltas))
+        layer = DSEELayer(base, deltas, cfg.keep_zeros)
+        if cfg.keep_zeros:  # the layer's own forward reads W (its mask)
+            zero.use_in_forward(layer, w)
+        setattr(model.get_submodule(parent_name), child, layer)
     setattr(model, DSEE_CONFIG_ATTR, cfg)  # noqa: B010 (what save_adapter writes)
     return targets
 

@@ -70,16 +70,30 @@ def weight_out_in(layer: nn.Module) -> torch.Tensor:
     return weight.t() if isinstance(layer, Conv1D) else weight
 
 
+def kept_update(delta: SparseLowRankDelta, w: torch.Tensor) -> torch.Tensor:
+    """The dense update (alpha/r)(BA + S) where the frozen slice `w` (out x in) is non-zero,
+    0 where it is zero: a pruned W keeps its zeros when the update is added (dsee.keep_zeros)."""
+    return delta.delta_weight() * (w != 0).to(delta.lora_A.dtype)
+
+
 class DSEELayer(nn.Module):
-    """y = base(x) + sum over slices s of (alpha/r)(B_s A_s x + S_s x) written to rows of s."""
+    """y = base(x) + sum over slices s of (alpha/r)(B_s A_s x + S_s x) written to rows of s.
+
+    keep_zeros (a pruned model's re-tuning, `dsee.keep_zeros`): the update is masked by W's
+    non-zeros, y = base(x) + ((alpha/r)(B_s A_s + S_s) * [W_s != 0]) x, so merging keeps W's
+    sparsity. This forms the dense out x in update (as a merged weight would) instead of the
+    O(tokens x (r + N)) path; the mask is W itself, so it costs no memory of its own."""
 
     base_layer: nn.Module
 
-    def __init__(self, base_layer: nn.Module, deltas: dict[str, SparseLowRankDelta]):
+    def __init__(
+        self, base_layer: nn.Module, deltas: dict[str, SparseLowRankDelta], keep_zeros: bool = False
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.dsee = nn.ModuleDict(deltas)
         self.merged = False
+        self.keep_zeros = keep_zeros
 
     @property
     def weight(self):  # transformers code sometimes reads module.weight (dtype checks)
@@ -102,7 +116,8 @@ class DSEELayer(nn.Module):
             return y
         for name, delta in self.dsee.items():  # the hot path: the ModuleDict itself, no wrapper
             lo, hi = self.bounds(name)
-            d = delta(x).to(y.dtype)
+            keep = weight_out_in(self.base_layer)[lo:hi] != 0 if self.keep_zeros else None
+            d = delta(x, keep).to(y.dtype)  # through the module: ZeRO-3 gathers A, B, S for it
             if hi - lo == y.shape[-1]:
                 y = y + d
             else:  # addmm does not keep its output for backward, so adding in place is safe
@@ -114,7 +129,8 @@ class DSEELayer(nn.Module):
         w = weight_out_in(self.base_layer)
         for name, delta in self.updates():
             lo, hi = self.bounds(name)
-            w[lo:hi] += sign * delta.delta_weight().to(w.dtype)
+            update = kept_update(delta, w[lo:hi]) if self.keep_zeros else delta.delta_weight()
+            w[lo:hi] += sign * update.to(w.dtype)
 
     def merge(self) -> None:
         """W <- W + (alpha/r)(BA + S), exactly, for every slice; forward then uses W alone."""

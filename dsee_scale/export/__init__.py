@@ -25,7 +25,7 @@ import torch
 
 from ..adapters.config import DSEEConfig
 from ..adapters.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..adapters.layer import BASE, MARKER, delta_name, is_dsee_name
+from ..adapters.layer import BASE, MARKER, delta_name, is_dsee_name, kept_update
 from ..archs import BY_MODEL_TYPE, FULL
 from ..checkpoint import ZeroCheckpoint
 from ..checkpoint.format import LayerLayout
@@ -131,7 +131,8 @@ def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: LayerLayout, ti
                 w_oi = w.t() if info["kind"] == "conv1d" else w  # out x in view
                 with torch.no_grad():
                     for s, (lo, hi) in info["slices"].items():
-                        w_oi[lo:hi] += ck.dsee_delta(delta_name(layer, s), dsee).delta_weight()
+                        d = ck.dsee_delta(delta_name(layer, s), dsee)
+                        w_oi[lo:hi] += kept_update(d, w_oi[lo:hi]) if dsee.keep_zeros else d.delta_weight()
                 yield out_name, w, ck.dtype_of(name)
             else:
                 yield out_name, t, ck.dtype_of(name)

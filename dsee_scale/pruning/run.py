@@ -28,7 +28,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from ..adapters import DSEEConfig, DSEELayer, inject, supports_of
+from ..adapters import DSEEConfig, DSEELayer, choose_supports, inject, merge_and_unload, supports_of
 from ..adapters.layer import delta_name
 from ..archs import arch_of
 from ..checkpoint import ZeroCheckpoint
@@ -69,7 +69,8 @@ def prune_and_retune(exp: ExperimentConfig, from_dir: str | None, resume: bool =
 
         root, tag, _ = resume_point(exp)
         saved = load_experiment(str(root / tag / fmt.EXPERIMENT))
-        return run(replace(exp, model=saved.model, dsee=saved.dsee), resume=True)
+        resumed = replace(exp, model=saved.model, dsee=saved.dsee, prune=saved.prune)  # same distillation
+        return run(resumed, resume=True, teacher=teacher_for(resumed, tuned_dir_of(exp)))
     if not from_dir:
         raise UserError("--from: give the tuning run's checkpoints directory (or --resume)")
     rank, _ = start_process_group(exp)
@@ -83,7 +84,37 @@ def prune_and_retune(exp: ExperimentConfig, from_dir: str | None, resume: bool =
             f"decision {summary['decision_digest']} (plan in {out / 'prune_plan.json'})",
             flush=True,
         )
-    return run(pruned, build=build)
+    return run(pruned, build=build, teacher=teacher_for(exp, from_dir))
+
+
+def tuned_dir_of(exp: ExperimentConfig) -> str:
+    """The tuned checkpoint a pruned run came from (its prune_plan.json says)."""
+    plan = Path(exp.output_dir) / "prune_plan.json"
+    try:
+        return str(json.loads(plan.read_text())["from"])
+    except (OSError, ValueError, KeyError):
+        raise UserError(
+            f"--resume: {plan} is missing or unreadable; it names the tuned run to distill from"
+        ) from None
+
+
+def teacher_for(exp: ExperimentConfig, from_dir: str):
+    """prune.distill: a builder of the unpruned tuned model (partitioned under ZeRO-3, frozen),
+    the distillation teacher; None without distillation."""
+    pc = exp.prune
+    if pc is None or pc.distill.kl_weight == 0:
+        return None
+
+    cm = CheckpointModel(from_dir)  # now: its meta skeleton must not be built under zero.Init
+
+    def build(exp_, ds, rank, world):
+        teacher_exp = pruned_experiment(replace(exp_, prune=None), cm, cm.config)
+        model, _ = build_pruned(
+            cm, pc, Decision(None, None, cm.config, {}), teacher_exp, ds, rank, fresh=False
+        )
+        return model
+
+    return build
 
 
 class CheckpointModel:
@@ -103,8 +134,9 @@ class CheckpointModel:
             self.skeleton = AutoModelForCausalLM.from_config(self.config)
         self.layout = self.ck.meta["dsee_layers"]
 
-    def block(self, i: int) -> torch.nn.Module:
-        """Block i on CPU (float32), with its trained DSEE updates, weights from the checkpoint."""
+    def block(self, i: int, merged: bool = False) -> torch.nn.Module:
+        """Block i on CPU (float32), with its trained DSEE updates, weights from the checkpoint
+        (merged: the updates folded into W, plain layers)."""
         b = copy.deepcopy(self.arch.block_list(self.skeleton)[i]).to_empty(device="cpu").float()
         pre = self.arch.block_prefix(i)
         for name, info in self.layout.items():
@@ -112,12 +144,14 @@ class CheckpointModel:
                 continue
             rel = name[len(pre) :]
             deltas = {s: self.ck.dsee_delta(delta_name(name, s), self.dsee) for s in info["slices"]}
-            b.set_submodule(rel, DSEELayer(b.get_submodule(rel), deltas))
+            b.set_submodule(rel, DSEELayer(b.get_submodule(rel), deltas, self.dsee.keep_zeros))
         state = {}
         for k in b.state_dict():
             t = self.ck.tensor(pre + k)
             state[k] = t.float() if t.is_floating_point() else t
         b.load_state_dict(state, strict=True)
+        if merged:
+            merge_and_unload(b)
         return b
 
 
@@ -218,7 +252,7 @@ def sparsegpt_blocks(
     keep: Masks = {}
     weights: dict[int, dict[str, torch.Tensor]] = {}
     for i in range(cm.dims.layers):
-        b = cm.block(i).eval()
+        b = cm.block(i, merged=pc.recovery is not None).eval()  # recovery: prune the merged W
         layers = U.prunable(b, pc.targets or ["*"])
         names = list(layers)
         hess: dict[str, torch.Tensor] = {n: 0 for n in names}  # type: ignore[misc]
@@ -257,7 +291,6 @@ def calibration(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> 
     )
     if not needs:
         return None
-    return layerwise_statistics(cm, calibration_batches(exp, cm, pc))
     return layerwise_statistics(cm, calibration_batches(exp, cm, pc))
 
 
@@ -323,9 +356,11 @@ def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationS
     blocks, one block at a time; a global threshold is found from streamed histograms summed
     over the ranks (never all scores at once); every rank gets every mask."""
 
+    merged = pc.recovery is not None and pc.score in ("magnitude", "wanda")  # scores of the merged W
+
     def score_of_block(i: int) -> dict[str, torch.Tensor]:
         norms = None if stats is None else {k: v.sqrt() for k, v in stats["blocks"][i]["sq"].items()}
-        return U.scores(U.prunable(cm.block(i), pc.targets or ["*"]), pc.score, norms)
+        return U.scores(U.prunable(cm.block(i, merged), pc.targets or ["*"]), pc.score, norms)
 
     mine = comm.my_share(cm.dims.layers)  # each rank scores its share of the blocks
     if pc.nm is not None or pc.scope != "global":  # decided inside each matrix
@@ -347,10 +382,14 @@ class Decision:
 
 
 @torch.no_grad()
-def pruned_block(cm: CheckpointModel, i: int, pc: PruneConfig, decision: Decision) -> torch.nn.Module:
+def pruned_block(
+    cm: CheckpointModel, i: int, pc: PruneConfig, decision: Decision, merged: bool = False
+) -> torch.nn.Module:
+    """Block i with the decision applied: its DSEE layers cut alike, or (merged) plain layers
+    holding W + update, pruned."""
     from ..adapters.layer import unwrap, weight_out_in
 
-    b = cm.block(i)
+    b = cm.block(i, merged)
     if decision.plan is not None:
         prune_block(b, cm.arch, decision.plan.layers[i], cm.dims)
     if decision.keep is not None:
@@ -397,7 +436,12 @@ def pruned_experiment(exp: ExperimentConfig, cm: CheckpointModel, config: Any) -
     for key in ("transformers_version", "architectures", "dtype"):
         cfg_dict.pop(key, None)
     model = ModelConfig(config=cfg_dict, tokenizer=tokenizer, dtype=cm.model_cfg.dtype)
-    return replace(exp, model=model, dsee=copy.deepcopy(cm.dsee))
+    pc = exp.prune
+    if pc is None:  # the teacher: the tuned model as it was
+        return replace(exp, model=model, dsee=copy.deepcopy(cm.dsee))
+    dsee = copy.deepcopy(pc.recovery or cm.dsee)
+    dsee.keep_zeros = pc.kind == "unstructured" and pc.keep_zeros
+    return replace(exp, model=model, dsee=dsee)
 
 
 def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
@@ -414,7 +458,7 @@ def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
     pruned = pruned_experiment(exp, cm, decision.config)
 
     def build(exp_, ds, rank_, world_):
-        return build_pruned(cm, pc, decision, exp_, ds, rank_)
+        return build_pruned(cm, pc, decision, exp_, ds, rank_, fresh=pc.recovery is not None)
 
     sizes = pruned.model.config or {}
     keys = (cm.arch.heads_key, cm.arch.kv_heads_key, cm.arch.intermediate_key, "head_dim")
@@ -430,24 +474,32 @@ def build_pruned(
     exp: ExperimentConfig,
     ds: dict,
     rank: int,
+    fresh: bool,
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The pruned DSEE model, partitioned under ZeRO-3, with the kept weights copied in."""
+    """The pruned DSEE model, partitioned under ZeRO-3, with the kept weights copied in: the
+    tuned updates cut alike, or (fresh, prune.recovery) W + update merged and pruned, with new
+    adapters of exp.dsee whose supports are chosen from the pruned weights."""
+    from ..adapters.inject import resolve_targets
     from ..training.engine import build_model
     from ..zero import copy_full_into
 
     model = build_model(exp, ds)  # random init from the pruned config, partitioned
     supports: dict[str, torch.Tensor] = {}
-    for i in range(cm.dims.layers):  # supports first: inject needs all of them
-        b = pruned_block(cm, i, pc, decision)
-        supports.update({cm.arch.block_prefix(i) + k: v for k, v in supports_of(b).items()})
-        del b
-    inject(model, exp.dsee, supports)
+    if not fresh:
+        for i in range(cm.dims.layers):  # supports first: inject needs all of them
+            b = pruned_block(cm, i, pc, decision)
+            supports.update({cm.arch.block_prefix(i) + k: v for k, v in supports_of(b).items()})
+            del b
+        inject(model, exp.dsee, supports)
     for i in range(cm.dims.layers):
-        b = pruned_block(cm, i, pc, decision)
+        b = pruned_block(cm, i, pc, decision, merged=fresh)
         for rel, t in b.state_dict().items():
             copy_full_into(model, cm.arch.block_prefix(i) + rel, t, rank)
         del b
     for name, _ in model.named_parameters():  # embeddings, final norm, (untied) lm_head
         if cm.arch.block_index(name) is None:
             copy_full_into(model, name, cm.ck.tensor(name), rank)
+    if fresh:  # new adapters on the pruned weights, supports spread over ranks
+        supports = choose_supports(model, resolve_targets(model, exp.dsee), exp.dsee)
+        inject(model, exp.dsee, supports)
     return model, supports

@@ -103,7 +103,7 @@ def _keep(layer: nn.Module, rows=None, cols=None) -> nn.Module:
             lo, hi = slice_bounds(base, name)
             local = rows_t[(rows_t >= lo) & (rows_t < hi)] - lo
         deltas[name] = _delta_keep(d, local, cols_t)
-    return DSEELayer(new_base, deltas)
+    return DSEELayer(new_base, deltas, layer.keep_zeros)
 
 
 def keep_outputs(layer: nn.Module, rows) -> nn.Module:

@@ -51,6 +51,8 @@ from .nonfinite import Skips, backward_loss
 # build(exp, ds_config, rank, world) -> (model with DSEE injected, supports): a custom way to
 # make the model of a fresh run (the pruning stage builds the pruned model with it)
 Builder = Callable[[ExperimentConfig, dict, int, int], tuple[nn.Module, dict[str, torch.Tensor]]]
+# teacher(exp, ds_config, rank, world) -> the partitioned distillation teacher (prune.distill)
+TeacherBuilder = Callable[[ExperimentConfig, dict, int, int], nn.Module]
 
 
 def supports_digest(supports: dict[str, torch.Tensor]) -> str:
@@ -96,13 +98,20 @@ class ResumePoint:
 
 
 class TrainingRun:
-    def __init__(self, exp: ExperimentConfig, resume: bool = False, build: Builder | None = None):
+    def __init__(
+        self,
+        exp: ExperimentConfig,
+        resume: bool = False,
+        build: Builder | None = None,
+        teacher: TeacherBuilder | None = None,
+    ):
         if exp.data is None:
             raise ConfigError(
                 "data: the experiment has no data section (train_files, source or "
                 "hub_dataset); training needs one"
             )
         self.exp, self.data, self.resume_requested, self.build = exp, exp.data, resume, build
+        self.teacher_builder, self.teacher = teacher, None
         self.out = Path(exp.output_dir)
 
     # ---- setup ---------------------------------------------------------------------------
@@ -113,6 +122,8 @@ class TrainingRun:
         self.ds = deepspeed_config(exp, self.world, getattr(self.config, "hidden_size", None))
         self.resume = self.find_resume_point()
         self.model, self.supports, self.inject_s = self.build_model()
+        if self.teacher_builder is not None:
+            self.create_teacher()
         self.corpus = self.load_data()
         self.create_engine()
         if self.gradient_pending:
@@ -249,6 +260,14 @@ class TrainingRun:
         self.engine, _, self.scheduler = create_engine(self.model, self.ds, self.exp, self.total_steps)
         self.accum = self.engine.gradient_accumulation_steps()
 
+    def create_teacher(self) -> None:
+        """prune.distill: the unpruned tuned model, forward only (training/distill.py)."""
+        from .distill import teacher_engine
+
+        assert self.teacher_builder is not None
+        model = self.teacher_builder(self.exp, self.ds, self.rank, self.world)
+        self.teacher = teacher_engine(model, self.ds)
+
     def load_checkpoint(self) -> int:
         """The resumed step (0 for a fresh run), with engine state, frozen weights, RNG."""
         r = self.resume
@@ -349,12 +368,28 @@ class TrainingRun:
             batch = micro_batch(self.corpus.train, step, micro, self.rank, self.world,
                                 t.micro_batch_size, t.batch_size, t.seed)  # fmt: skip
             with self.fault(step + 1, micro):
-                loss = engine(**to_device(batch, engine.device), use_cache=False).loss
+                loss = self.loss(to_device(batch, engine.device))
             engine.backward(backward_loss(loss))
             engine.step()
             loss_sum += loss.detach().double()
         mean = float(comm.sum_over_ranks(loss_sum.reshape(1))[0]) / (self.accum * self.world)
         return mean, time.perf_counter() - t0
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The micro-batch's training loss: the LM loss, or with a teacher prune.distill's mix."""
+        out = self.engine(**batch, use_cache=False)
+        if self.teacher is None:
+            return out.loss
+        from .distill import distillation_kl
+
+        assert self.exp.prune is not None
+        d = self.exp.prune.distill
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            teacher = self.teacher(**inputs, use_cache=False).logits
+        kl = distillation_kl(out.logits, teacher, batch["labels"], d.temperature)
+        del teacher
+        return d.lm_weight * out.loss + d.kl_weight * kl
 
     def log_step(self, done: int, loss: float, seconds: float, skipped: bool) -> None:
         """train_log.jsonl, TensorBoard and the progress bar (rank 0)."""
@@ -409,13 +444,20 @@ class TrainingRun:
         self.monitor.close()
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        if self.teacher is not None:
+            self.teacher.destroy()
         self.engine.destroy()
         comm.shutdown()
 
 
-def run(exp: ExperimentConfig, resume: bool = False, build: Builder | None = None) -> dict[str, Any]:
+def run(
+    exp: ExperimentConfig,
+    resume: bool = False,
+    build: Builder | None = None,
+    teacher: TeacherBuilder | None = None,
+) -> dict[str, Any]:
     """Train `exp` (setup, train, cleanup); returns the summary on every rank."""
-    training = TrainingRun(exp, resume, build)
+    training = TrainingRun(exp, resume, build, teacher)
     training.setup()
     summary = training.train()
     training.cleanup()

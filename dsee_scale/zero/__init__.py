@@ -68,6 +68,15 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None):
         yield
 
 
+def use_in_forward(module: nn.Module, param: torch.Tensor) -> None:
+    """`module`'s forward reads `param` of a submodule outside that submodule's forward: ZeRO-3
+    must gather it for the whole of module's forward (nothing to do on a plain model)."""
+    if is_partitioned(param):
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(module, param)
+
+
 def partitioned_loading(ds_config: dict) -> None:
     """Make transformers build / load the next models partitioned (under zero.Init) for this
     ZeRO-3 engine config: the HfDeepSpeedConfig object must stay alive, so it is kept here."""
