@@ -189,8 +189,8 @@ class PruneConfig:
     heads_per_layer: int = 0  # q heads removed per layer (per kv group with gqa: per_group)
     gqa: Literal["per_group", "kv_groups"] = "per_group"
     channels_per_layer: int = 0  # MLP channels removed per layer
-    head_score: Literal["dsee", "weight", "dsee+weight", "activation"] = "dsee"
-    channel_score: Literal["weight", "activation"] = "weight"
+    head_score: Literal["dsee", "weight", "dsee+weight", "activation", "taylor", "fisher"] = "dsee"
+    channel_score: Literal["weight", "activation", "taylor", "fisher"] = "weight"
     ratio: float = 0.5  # unstructured: share of the chosen weights set to zero
     scope: Literal["global", "layer", "row"] = "global"  # unstructured: where scores are compared
     nm: str | None = None  # unstructured N:M pattern, e.g. "2:4" (ratio must then be 1 - N/M)

@@ -296,6 +296,44 @@ def test_wanda_and_activation_scores_through_the_launcher(tuned):
     assert len(plan_s["decision"]["layers"][0]["q_heads"]) == 2
 
 
+def test_taylor_and_fisher_scores_through_the_launcher_match_mask_gradients(tuned):
+    """prune.head_score=taylor / channel_score=fisher on two ranks (each pushes its share of the
+    calibration batches through the ZeRO-3 tuned model, sums added): the plan equals the one made
+    from an independent reference, the gradient of explicit head / channel masks (1s multiplied
+    onto o_proj's and down_proj's inputs) per micro-batch: taylor = |sum_b g_b|, fisher = sum_b g_b^2."""
+    from dsee_scale.pruning import make_plan
+
+    cfg, ckpt, model_path = tuned["llama"]
+    _, plan = prune(cfg, ckpt, tuned["root"] / "taylor", 2, "prune.heads_per_layer=1",
+                    "prune.head_score=taylor", "prune.channels_per_layer=8", "prune.channel_score=fisher",
+                    "prune.calibration_batches=3", "train.max_steps=1")  # fmt: skip
+    model = rebuilt(ckpt, model_path).eval()
+    H, hd = model.config.num_attention_heads, model.config.head_dim
+    exp = load_experiment(str(cfg))
+    corpus = build_corpus(exp.data, ByteTokenizer())
+    t = exp.train
+    heads, channels = [], []
+    for layer in model.model.layers:
+        heads.append(torch.ones(H, requires_grad=True))
+        channels.append(torch.ones(model.config.intermediate_size, requires_grad=True))
+        m_h, m_c = heads[-1], channels[-1]
+        layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda mod, a, m=m_h: (a[0] * m.repeat_interleave(hd),)
+        )
+        layer.mlp.down_proj.register_forward_pre_hook(lambda mod, a, m=m_c: (a[0] * m,))
+    masks = heads + channels
+    per_batch = []
+    for s in range(3):
+        batch = micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)
+        per_batch.append(torch.autograd.grad(model(**batch).loss, masks))
+    n = len(heads)
+    taylor_h = torch.stack([sum(g[i] for g in per_batch).abs() for i in range(n)])
+    fisher_c = torch.stack([sum(g[n + i] ** 2 for g in per_batch) for i in range(n)])
+    assert (taylor_h.std(1) > 0).all() and (fisher_c.std(1) > 0).all()  # scores that rank something
+    want = make_plan(model.config, taylor_h, 1, fisher_c, 8)
+    assert plan["decision"] == want.to_dict()
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_sparsegpt_through_the_launcher_equals_a_whole_model_reference(tuned, kind):
     """prune.score=sparsegpt: the frozen weights the re-tune starts from (and keeps: they are

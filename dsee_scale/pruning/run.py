@@ -41,6 +41,7 @@ from ..zero import comm
 from . import unstructured as U
 from .scores import block_channel_scores, block_head_scores, make_plan
 from .structured import Plan, plan_sizes, prune_block, pruned_config
+from .taylor import GRADIENT_SCORES
 
 
 class BlockStats(TypedDict):
@@ -108,13 +109,17 @@ def teacher_for(exp: ExperimentConfig, from_dir: str):
     cm = CheckpointModel(from_dir)  # now: its meta skeleton must not be built under zero.Init
 
     def build(exp_, ds, rank, world):
-        teacher_exp = pruned_experiment(replace(exp_, prune=None), cm, cm.config)
-        model, _ = build_pruned(
-            cm, pc, Decision(None, None, cm.config, {}), teacher_exp, ds, rank, fresh=False
-        )
-        return model
+        return tuned_model(exp_, cm, ds, rank)
 
     return build
+
+
+def tuned_model(exp: ExperimentConfig, cm: CheckpointModel, ds: dict, rank: int) -> torch.nn.Module:
+    """The tuned model of the checkpoint as it was (DSEE updates on), partitioned under ZeRO-3."""
+    as_tuned = pruned_experiment(replace(exp, prune=None), cm, cm.config)
+    unpruned = Decision(None, None, cm.config, {})
+    model, _ = build_pruned(cm, PruneConfig(), unpruned, as_tuned, ds, rank, fresh=False)
+    return model
 
 
 class CheckpointModel:
@@ -295,6 +300,13 @@ def calibration(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> 
 
 
 def calibration_batches(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> list[torch.Tensor]:
+    """The input ids of `prune.calibration_batches` micro-batches of the training data."""
+    return [b["input_ids"] for b in calibration_micro_batches(exp, cm, pc)]
+
+
+def calibration_micro_batches(
+    exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig
+) -> list[dict[str, torch.Tensor]]:
     """`prune.calibration_batches` micro-batches of the training data, as the run would see them."""
     from ..data import ByteTokenizer, build_corpus, micro_batch
 
@@ -305,7 +317,7 @@ def calibration_batches(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneCon
     corpus = build_corpus(exp.data, tok)
     t = exp.train
     return [
-        micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)["input_ids"]
+        micro_batch(corpus.train, s, 0, 0, 1, t.micro_batch_size, t.micro_batch_size, t.seed)
         for s in range(pc.calibration_batches)
     ]
 
@@ -316,26 +328,63 @@ def _activation(stats: CalibrationStats | None, i: int, name: str) -> torch.Tens
     return stats["blocks"][i]["abs"][name] / stats["tokens"]
 
 
-def structured_plan(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStats | None = None) -> Plan:
+def gradient_group_scores(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> dict:
+    """Taylor and Fisher scores of every head and MLP channel (pruning/taylor.py): the tuned
+    model is built partitioned under ZeRO-3 for it (forward-only engine) and released after."""
+    from ..data import to_device
+    from ..training.distill import teacher_engine
+    from ..training.engine import deepspeed_config
+    from .taylor import mask_gradient_scores
+
+    rank, world = comm.rank_and_world()
+    ds = deepspeed_config(exp, world, getattr(cm.config, "hidden_size", None))
+    engine = teacher_engine(tuned_model(exp, cm, ds, rank), ds)
+    dims, arch = cm.dims, cm.arch
+    groups = {}
+    for i in range(dims.layers):
+        groups[arch.block_prefix(i) + arch.o] = (dims.heads, dims.head_dim)
+        groups[arch.block_prefix(i) + arch.mlp_out] = (dims.intermediate, 1)
+    batches = calibration_micro_batches(exp, cm, pc)
+    try:
+        # through the module itself (its ZeRO-3 hooks gather): a forward-only engine's own
+        # forward registers backward hooks that refuse a backward outside engine.backward
+        return mask_gradient_scores(
+            engine.module,
+            groups,
+            batches,
+            lambda b: engine.module(**to_device(b, engine.device), use_cache=False).loss,
+        )
+    finally:
+        engine.destroy()
+
+
+def structured_plan(
+    cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStats | None = None, grad: dict | None = None
+) -> Plan:
     """Head and channel scores, each rank scoring its share of the blocks (exchanged), then the
-    plan every rank derives alike from all of them."""
+    plan every rank derives alike from all of them. `grad`: gradient_group_scores (taylor, fisher)."""
     arch, dims = cm.arch, cm.dims
 
     def block_scores(i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         b = cm.block(i)
         h = c = None
+        pre = arch.block_prefix(i)
         if pc.heads_per_layer:
-            h = (
-                _activation(stats, i, arch.o).view(dims.heads, dims.head_dim).sum(1)
-                if pc.head_score == "activation"
-                else block_head_scores(b, cm.config, pc.head_score)
-            )
+            if pc.head_score == "activation":
+                h = _activation(stats, i, arch.o).view(dims.heads, dims.head_dim).sum(1)
+            elif pc.head_score in GRADIENT_SCORES:
+                assert grad is not None
+                h = grad[pc.head_score][pre + arch.o]
+            else:
+                h = block_head_scores(b, cm.config, pc.head_score)
         if pc.channels_per_layer:
-            c = (
-                _activation(stats, i, arch.mlp_out)
-                if pc.channel_score == "activation"
-                else block_channel_scores(b, cm.config)
-            )
+            if pc.channel_score == "activation":
+                c = _activation(stats, i, arch.mlp_out)
+            elif pc.channel_score in GRADIENT_SCORES:
+                assert grad is not None
+                c = grad[pc.channel_score][pre + arch.mlp_out]
+            else:
+                c = block_channel_scores(b, cm.config)
         return h, c
 
     per_block = comm.merged_over_ranks({i: block_scores(i) for i in comm.my_share(dims.layers)})
@@ -417,8 +466,12 @@ def decide(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> Decis
     if pc.channels_per_layer >= inter:
         raise ConfigError(f"prune.channels_per_layer: {pc.channels_per_layer} of {inter} channels; "
                           f"allowed: 0..{inter - 1}")  # fmt: skip
+    wants_gradient = (pc.heads_per_layer and pc.head_score in GRADIENT_SCORES) or (
+        pc.channels_per_layer and pc.channel_score in GRADIENT_SCORES
+    )
+    grad = gradient_group_scores(exp, cm, pc) if wants_gradient else None
     try:
-        plan = structured_plan(cm, pc, stats)
+        plan = structured_plan(cm, pc, stats, grad)
     except ValueError as e:  # a head count the kv groups cannot take
         raise ConfigError(f"prune.heads_per_layer: {e} (model: {H} q heads, {KV} kv heads)") from None
     nq, nkv, nch = plan_sizes(plan, inter)
