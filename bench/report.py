@@ -565,6 +565,50 @@ class Report:
         self.add("## The aims, met or missed\n")
         self.add("\n".join(f"- {x}" for x in lines) if lines else "No results yet.")
 
+    def prune_recovery(self) -> None:
+        r = self.data.get("prune_recovery")
+        self.add("## Pruned models people would deploy: recovery with every-linear DSEE and distillation")
+        if r is None:
+            self.add("Not run yet (`python bench/prune_recovery.py`).")
+            return
+        dense, t = r["dense_tuned_ppl"], r["targets"]
+        self.add(
+            f"{r['model']}: dense tuned held-out perplexity **{dense:.3f}** "
+            f"({r['tune_steps']} tuning steps); every pruned model recovered alike for "
+            f"{r['recover_steps']} steps ({', '.join(r['recovery'])}), eval over {r['eval_blocks']} "
+            "held-out blocks; +kd = with distillation from the tuned model.\n"
+        )
+        rows = []
+        for name, c in r["configs"].items():
+            seeds = ", ".join(f"{x:.3f}" for x in c["ppl_per_seed"])
+            kind = "2:4" if "2:4" in name else "structured_20" if "structured" in name else "unstructured_50"
+            target = t[kind]
+            met = "met" if c["ratio_to_dense"] <= target else f"missed by {c['ratio_to_dense'] / target:.2f}x"
+            sparsity = c["weight_sparsity"]
+            sp = None if sparsity is None else f"{sparsity:.3f}"
+            rows.append([name, seeds, c["mean"], c["stdev"], c["ratio_to_dense"], f"<= {target}x: {met}", sp,
+                         c["seconds_per_run"]])  # fmt: skip
+        head = [
+            "configuration",
+            "ppl per seed",
+            "mean",
+            "stdev",
+            "/ dense",
+            "target",
+            "weight sparsity",
+            "s/run",
+        ]
+        self.add(table(head, rows))
+        speed = r.get("forward_tokens_per_s")
+        if speed:
+            d = speed["dense"]
+            self.add(
+                "\nForward tokens/s (merged exports, 4 x 256 tokens, this CPU): "
+                + ", ".join(f"{n} {v:,.0f} ({v / d:.2f}x)" for n, v in speed.items())
+                + f"; target >= {t['structured_speedup']}x for the structured models."
+            )
+        self.add(f"\n*{provenance(r)}*")
+
     def write(self) -> Path:
         head = [
             "# dsee-scale benchmark report",
@@ -580,6 +624,7 @@ class Report:
         self.deployment()
         self.instruct()
         self.frontier()
+        self.prune_recovery()
         self.out.write_text("\n".join(head + self.parts) + "\n")
         print(f"wrote {self.out} and {len(list(self.plots.glob('*.png')))} plots in {self.plots}")
         return self.out

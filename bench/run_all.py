@@ -81,6 +81,11 @@ BENCHES = {
         ],  # fmt: skip
         420,  # an estimate from the stdlib:qv runs here (~110 s per q,v run); not yet run whole
     ),
+    "prune_recovery": (
+        [],
+        ["--tune-steps", "2", "--recover-steps", "1", "--seeds", "0", "--eval-blocks", "2"],
+        240,  # an estimate: 15 launcher runs per seed, 3 seeds
+    ),
 }
 
 

@@ -87,6 +87,7 @@ def test_bench_bad_arguments_are_one_line_errors():
                 "support_launcher",
                 "instruct",
                 "frontier",
+                "prune_recovery",
             ]
         )
         + ")"

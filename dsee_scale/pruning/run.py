@@ -553,6 +553,9 @@ def build_pruned(
         if cm.arch.block_index(name) is None:
             copy_full_into(model, name, cm.ck.tensor(name), rank)
     if fresh:  # new adapters on the pruned weights, supports spread over ranks
-        supports = choose_supports(model, resolve_targets(model, exp.dsee), exp.dsee)
+        from ..training.monitor import progress_bar
+
+        bar = progress_bar(f"recovery supports ({exp.dsee.support})", rank == 0)
+        supports = choose_supports(model, resolve_targets(model, exp.dsee), exp.dsee, bar)
         inject(model, exp.dsee, supports)
     return model, supports

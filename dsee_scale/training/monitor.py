@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import resource
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,21 @@ def memory_scalars() -> dict[str, float]:
     if acc.device_name() != "cpu":
         out["mem/gpu_allocated_mb"] = acc.max_memory_allocated() / 2**20
     return out
+
+
+def progress_bar(desc: str, shown: bool) -> Callable[[int, int], None] | None:
+    """A (done, total) progress callback drawing a tqdm bar (where `shown`: rank 0), else None."""
+    if not shown:
+        return None
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, desc=desc, unit="matrix")
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update

@@ -45,7 +45,7 @@ from .engine import (
     trainable_count,
 )
 from .evaluate import dsee_histograms, evaluate, generation_eval, samples_markdown
-from .monitor import Monitor, memory_scalars
+from .monitor import Monitor, memory_scalars, progress_bar
 from .nonfinite import Skips, backward_loss
 
 # build(exp, ds_config, rank, world) -> (model with DSEE injected, supports): a custom way to
@@ -219,20 +219,7 @@ class TrainingRun:
         self.check_supports_agree(supports)
 
     def _progress(self, desc: str) -> Callable[[int, int], None] | None:
-        if self.rank != 0:
-            return None
-        from tqdm import tqdm
-
-        bar = None
-
-        def update(done: int, total: int) -> None:
-            nonlocal bar
-            bar = bar or tqdm(total=total, desc=desc, unit="matrix")
-            bar.update(done - bar.n)
-            if done == total:
-                bar.close()
-
-        return update
+        return progress_bar(desc, self.rank == 0)
 
     def load_data(self) -> Corpus:
         """Rows of block_size tokens; rank 0 tokenizes into the cache first, the others then
