@@ -134,6 +134,20 @@ def launch(
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def launch_many(runs: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """`dsee-scale <argv>` (as `python launchers/train.py ...` is `dsee-scale train ...`) for each
+    argv, as forked children of one interpreter that imported everything once
+    (tests/forked_cli.py): the same main, error wrapper and exit codes, without paying the
+    imports per run. For runs that stop early (bad input)."""
+    cases = [{"argv": argv, "env": {"MASTER_PORT": str(free_port())}} for argv in runs]
+    env = dict(os.environ, **LAUNCH_ENV)
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "forked_cli.py")], cwd=ROOT, env=env,
+                       input=json.dumps(cases), capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [subprocess.CompletedProcess(c["argv"], x["returncode"], x["stdout"], x["stderr"])
+            for c, x in zip(cases, json.loads(r.stdout), strict=True)]  # fmt: skip
+
+
 def check(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r

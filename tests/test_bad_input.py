@@ -1,11 +1,10 @@
 """Bad input through the launchers: exit code 2, one line naming the problem, nothing written."""
 
 import json
-import shutil
 
 import pytest
 
-from helpers import ROOT, launch
+from helpers import ROOT, launch, launch_many
 
 TINY = ROOT / "configs" / "gpt2-tiny.yaml"
 
@@ -57,18 +56,39 @@ CASES = [  # (overrides or extra args, files, what the message must name)
 ]
 
 
-@pytest.mark.parametrize("args,kind,needle", CASES, ids=[c[2] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, kind, needle):
-    path = files(tmp_path, kind) if kind else None
-    out = tmp_path / "out"
-    args = [a.format(path) for a in args] + [f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}"]
-    r = launch(TINY, 1, *args)
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every case run once, as `python launchers/train.py` would (forked from one interpreter
+    that imported everything: tests/forked_cli.py); case -> (result, its output_dir)."""
+    runs, outs = [], []
+    for i, (args, kind, _) in enumerate(CASES):
+        d = tmp_path_factory.mktemp(f"bad{i}")
+        path = files(d, kind) if kind else None
+        outs.append(d / "out")
+        extra = [f"output_dir={d / 'out'}", f"data.cache_dir={d / 'cache'}"]
+        runs.append(["train", "--config", str(TINY), *[a.format(path) for a in args], *extra])
+    return dict(zip(range(len(CASES)), zip(launch_many(runs), outs, strict=True), strict=True))
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[c[2] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_runs, case):
+    r, out = bad_runs[case]
+    needle = CASES[case][2]
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
     assert not out.exists()
-    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_a_bad_input_through_the_launcher_script_itself(tmp_path):
+    """The same contract for a real `python launchers/train.py` process (the forked runs above
+    share its main; this one covers the script)."""
+    out = tmp_path / "out"
+    r = launch(TINY, 1, "train.lrr=1", f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
+    assert "train.lrr: unknown key" in errors[0] and not out.exists()
 
 
 def test_output_dir_that_holds_a_run_is_refused(tmp_path):
