@@ -7,7 +7,7 @@ import pytest
 
 from dsee_scale import faults
 
-from helpers import check, launch, losses, save_tiny_model, write_config
+from helpers import check, launch, launch_many, losses, save_tiny_model, write_config
 
 # dropout everywhere (the model's and DSEE's own): a resume that loses the RNG state diverges
 DROPOUT = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "initializer_range": 0.1}
@@ -53,19 +53,31 @@ def test_a_crash_between_checkpoints_resumes_to_the_same_losses_and_logs_each_st
     assert acc.Scalars("train/loss")[4].value == pytest.approx(want[5], rel=1e-6)
 
 
-@pytest.mark.parametrize(
-    "override,key,old,new",
-    [
-        ("dsee.r=2", "dsee.r", "4", "2"),
-        ("data.block_size=16", "data.block_size", "32", "16"),
-        ("train.batch_size=8", "train.batch_size", "4", "8"),
-        ("train.precision=bf16", "train.precision", "'fp32'", "'bf16'"),
-    ],
-)
-def test_a_resume_that_changes_the_run_is_refused(uninterrupted, override, key, old, new):
+CHANGES = [
+    ("dsee.r=2", "dsee.r", "4", "2"),
+    ("data.block_size=16", "data.block_size", "32", "16"),
+    ("train.batch_size=8", "train.batch_size", "4", "8"),
+    ("train.precision=bf16", "train.precision", "'fp32'", "'bf16'"),
+]
+
+
+@pytest.fixture(scope="module")
+def changed_resumes(uninterrupted):
+    """Each change resumed once, forked from one interpreter (tests/forked_cli.py); the file
+    listing of the run before them all (a refused resume writes nothing)."""
     root, config = uninterrupted
     before = sorted(p.name for p in (root / "full").rglob("*"))
-    r = launch(config("full"), 1, "--resume", "train.max_steps=8", override)
+    argvs = [
+        ["train", "--config", str(config("full")), "--resume", "train.max_steps=8", o] for o, *_ in CHANGES
+    ]
+    return before, dict(zip([c[0] for c in CHANGES], launch_many(argvs), strict=True))
+
+
+@pytest.mark.parametrize("override,key,old,new", CHANGES)
+def test_a_resume_that_changes_the_run_is_refused(uninterrupted, changed_resumes, override, key, old, new):
+    root, _ = uninterrupted
+    before, runs = changed_resumes
+    r = runs[override]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"{key} was {old} in" in errors[0] and f"now {new}" in errors[0], errors[0]
