@@ -16,9 +16,10 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 export MASTER_ADDR MASTER_PORT
 
-# The DeepSpeed hostfile of this allocation (on the shared output directory)
+# The DeepSpeed hostfile of this allocation (on the shared output directory): one
+# "host slots=N" line per node, as `dsee-scale hostfile` writes it (no Python start here)
 HOSTFILE="$OUTPUT_DIR/logs/hostfile-${SLURM_JOB_ID:-local}"
-$PY -m dsee_scale hostfile --slots "${GPUS_PER_NODE:-1}" --out "$HOSTFILE"
+scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${GPUS_PER_NODE:-1}/" > "$HOSTFILE"
 export HOSTFILE
 
 # Requeue-friendly: a job that finds a complete checkpoint continues from it
