@@ -304,9 +304,19 @@ def test_taylor_and_fisher_scores_through_the_launcher_match_mask_gradients(tune
     from dsee_scale.pruning import make_plan
 
     cfg, ckpt, model_path = tuned["llama"]
-    _, plan = prune(cfg, ckpt, tuned["root"] / "taylor", 2, "prune.heads_per_layer=1",
-                    "prune.head_score=taylor", "prune.channels_per_layer=8", "prune.channel_score=fisher",
-                    "prune.calibration_batches=3", "train.max_steps=1")  # fmt: skip
+    _, plan = prune(
+        cfg,
+        ckpt,
+        tuned["root"] / "taylor",
+        2,
+        "prune.heads_per_layer=1",
+        "prune.head_score=taylor",
+        "prune.channels_per_layer=8",
+        "prune.channel_score=fisher",
+        "prune.calibration_batches=3",
+        "train.max_steps=1",
+        "prune.distill.kl_weight=1",
+    )  # fmt: skip  (a teacher after a partitioned scoring model)
     model = rebuilt(ckpt, model_path).eval()
     H, hd = model.config.num_attention_heads, model.config.head_dim
     exp = load_experiment(str(cfg))

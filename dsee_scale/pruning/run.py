@@ -28,6 +28,7 @@ from typing import Any, TypedDict
 
 import torch
 
+from .. import zero
 from ..adapters import DSEEConfig, DSEELayer, choose_supports, inject, merge_and_unload, supports_of
 from ..adapters.layer import delta_name
 from ..archs import arch_of
@@ -106,7 +107,7 @@ def teacher_for(exp: ExperimentConfig, from_dir: str):
     if pc is None or pc.distill.kl_weight == 0:
         return None
 
-    cm = CheckpointModel(from_dir)  # now: its meta skeleton must not be built under zero.Init
+    cm = CheckpointModel(from_dir)
 
     def build(exp_, ds, rank, world):
         return tuned_model(exp_, cm, ds, rank)
@@ -135,7 +136,7 @@ class CheckpointModel:
         self.config = load_config(self.model_cfg)
         self.arch = arch_of(self.config)
         self.dims = self.arch.dims(self.config)
-        with torch.device("meta"):
+        with torch.device("meta"), zero.whole_loading():
             self.skeleton = AutoModelForCausalLM.from_config(self.config)
         self.layout = self.ck.meta["dsee_layers"]
 

@@ -85,6 +85,22 @@ def partitioned_loading(ds_config: dict) -> None:
     _live_hf_configs[:] = [HfDeepSpeedConfig(ds_config)]
 
 
+@contextlib.contextmanager
+def whole_loading():
+    """Inside: transformers builds models whole (as without ZeRO-3), even while an earlier
+    `partitioned_loading` is live (e.g. a meta-device skeleton built after a partitioned model)."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    if not _live_hf_configs:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(_live_hf_configs[-1])
+
+
 def full_tensors_one_per_rank(
     items: Sequence[tuple[K, torch.Tensor, Callable[[], torch.Tensor]]],
 ) -> Iterator[tuple[int, tuple[K, torch.Tensor] | None]]:
