@@ -315,8 +315,8 @@ def test_taylor_and_fisher_scores_through_the_launcher_match_mask_gradients(tune
         "prune.channel_score=fisher",
         "prune.calibration_batches=3",
         "train.max_steps=1",
-        "prune.distill.kl_weight=1",
-    )  # fmt: skip  (a teacher after a partitioned scoring model)
+        "prune.distill.kl_weight=1",  # the teacher is built after the partitioned scoring model
+    )
     model = rebuilt(ckpt, model_path).eval()
     H, hd = model.config.num_attention_heads, model.config.head_dim
     exp = load_experiment(str(cfg))
