@@ -13,14 +13,11 @@ import os
 import sys
 import tempfile
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import deepspeed  # noqa: F401  (imported before the fork: the children share it)
+import transformers  # noqa: F401
 
-import deepspeed  # noqa: E402,F401  (imported before the fork: the children share it)
-import transformers  # noqa: E402,F401
-
-from dsee_scale.cli import main  # noqa: E402
+from dsee_scale.cli import main
 
 
 def run_one(argv: list[str], env: dict[str, str]) -> dict:
