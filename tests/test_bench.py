@@ -29,7 +29,15 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "results"
     results.mkdir()
-    for name in ("adapter_step", "pruning", "zero3_step", "quality", "quality_seed1", "frontier"):
+    for name in (
+        "adapter_step",
+        "pruning",
+        "zero3_step",
+        "quality",
+        "quality_seed1",
+        "frontier",
+        "prune_recovery",
+    ):
         shutil.copy(BENCH / "results" / f"{name}.json", results)
     r = run(BENCH / "report.py", "--results", results, "--out", tmp_path / "REPORT.md")
     assert r.returncode == 0, r.stderr
@@ -53,6 +61,9 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
             assert (
                 f"| {x['dsee']} | {x['lora']} | {x['perplexity_ratio']:,.3f} | [{lo:.4f}, {hi:.4f}] |" in text
             )
+    pr = json.loads((results / "prune_recovery.json").read_text())
+    for name, c in pr["configs"].items():  # each configuration with its ratio to the dense model
+        assert f"| {name} | " in text and f"| {c['ratio_to_dense']:,.3f} | <= " in text, name
     pngs = sorted(x.name for x in (results / "plots").glob("*.png"))
     assert {
         "ppl_vs_sparsity.png",
