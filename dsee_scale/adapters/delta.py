@@ -150,14 +150,15 @@ class SparseLowRankDelta(nn.Module):
         """The update applied to x; with `keep` (a boolean out x in mask, dsee.keep_zeros) only
         its kept entries, through the dense masked update (as a merged weight would be)."""
         if keep is not None:
-            return F.linear(self.dropout(x), (self.delta_weight() * keep.to(self.lora_A.dtype)).to(x.dtype))
+            return F.linear(self.dropout(x), self.delta_weight(keep).to(x.dtype))
         return sparse_low_rank_update(
             self.dropout(x), self.lora_A, self.lora_B, self.sparse_values, self.sparse_index, self.scaling
         )
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense out x in update (alpha / r)(B A + S): for merging and export only."""
+    def delta_weight(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense out x in update (alpha / r)(B A + S), times the boolean mask `keep` where
+        given: for merging, export and the keep_zeros forward."""
         w = self.lora_B @ self.lora_A
         flat = self.sparse_index[0] * self.in_features + self.sparse_index[1]
         w = w.reshape(-1).index_add(0, flat, self.sparse_values.to(w.dtype)).reshape(w.shape)
-        return self.scaling * w
+        return self.scaling * (w if keep is None else w * keep.to(w.dtype))

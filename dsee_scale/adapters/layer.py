@@ -73,7 +73,7 @@ def weight_out_in(layer: nn.Module) -> torch.Tensor:
 def kept_update(delta: SparseLowRankDelta, w: torch.Tensor) -> torch.Tensor:
     """The dense update (alpha/r)(BA + S) where the frozen slice `w` (out x in) is non-zero,
     0 where it is zero: a pruned W keeps its zeros when the update is added (dsee.keep_zeros)."""
-    return delta.delta_weight() * (w != 0).to(delta.lora_A.dtype)
+    return delta.delta_weight(w != 0)
 
 
 class DSEELayer(nn.Module):
