@@ -67,6 +67,7 @@ STRUCTURED = {
     "taylor": ["prune.head_score=taylor", "prune.channel_score=taylor"],
     "activation": ["prune.head_score=activation", "prune.channel_score=activation"],
 }
+SPEED = "forward_speed"  # the row of forward tokens/s of the structured exports
 TARGETS = {"unstructured_50": 1.5, "2:4": 2.0, "structured_20": 1.5, "structured_speedup": 1.2}
 
 
@@ -204,7 +205,7 @@ def summarize(runs: dict[str, dict]) -> dict:
     dense = runs["tuned"]["ppl"]
     by_config: dict[str, list[dict]] = {}
     for r in runs.values():
-        if r["name"] != "tuned":
+        if r["name"] not in ("tuned", SPEED):
             by_config.setdefault(r["config"] + ("+kd" if r["distill"] else ""), []).append(r)
     table = {}
     for cfg, rows in sorted(by_config.items()):
@@ -222,6 +223,38 @@ def summarize(runs: dict[str, dict]) -> dict:
     return {"dense_tuned_ppl": dense, "configs": table}
 
 
+def best_two() -> list[str]:
+    """The two 50% scores with the lowest recovered (distilled) perplexity so far."""
+    rows = summarize(done_runs())["configs"]
+    return sorted(UNSTRUCTURED, key=lambda n: rows.get(n + "@50%+kd", {}).get("mean", float("inf")))[:2]
+
+
+def jobs(seeds: list[int]):
+    """(config name, overrides, seed, distill) in the order they run: seed 0 of every comparison the
+    issue asks for (50% with distillation, 2:4 for the best two, structured, 50% without
+    distillation), then the other seeds of the same, best scores first."""
+    unstructured = {n: ["prune.kind=unstructured", "prune.ratio=0.5", *o] for n, o in UNSTRUCTURED.items()}
+    structured = {
+        n: ["prune.heads_per_layer=1", "prune.channels_per_layer=384", "prune.calibration_batches=8", *o]
+        for n, o in STRUCTURED.items()
+    }
+    for seed in seeds:
+        for name, o in unstructured.items():
+            yield name + "@50%", o, seed, True
+        for name in best_two():
+            o = [x for x in UNSTRUCTURED[name] if not x.startswith("prune.scope")]
+            yield name + "@2:4", ["prune.kind=unstructured", "prune.nm=2:4", *o], seed, True
+        for name, o in structured.items():
+            yield name + "@structured", o, seed, True
+        for name in best_two():
+            yield name + "@50%", unstructured[name], seed, False
+        for name, o in structured.items():
+            yield name + "@structured", o, seed, False
+        for name in UNSTRUCTURED:
+            if name not in best_two():
+                yield name + "@50%", unstructured[name], seed, False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune-steps", type=int, default=100)
@@ -233,33 +266,17 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.report_only:
         tune(args)
-        for seed in seeds:  # a seed at a time, so an interrupted bench still has whole comparisons
-            for distill in (True, False):  # the recommended recipe first
-                for name, o in UNSTRUCTURED.items():
-                    prune_run(
-                        args, name + "@50%", ["prune.kind=unstructured", "prune.ratio=0.5", *o], seed, distill
-                    )
-            rows = summarize(done_runs())["configs"]
-            best = sorted(UNSTRUCTURED, key=lambda n: rows.get(n + "@50%+kd", {}).get("mean", float("inf")))[
-                :2
-            ]
-            for name in best:
-                o = [x for x in UNSTRUCTURED[name] if not x.startswith("prune.scope")]
-                prune_run(args, name + "@2:4", ["prune.kind=unstructured", "prune.nm=2:4", *o], seed, True)
-            for name, o in STRUCTURED.items():
-                for distill in (True, False):
-                    prune_run(
-                        args,
-                        name + "@structured",
-                        [
-                            "prune.heads_per_layer=1",
-                            "prune.channels_per_layer=384",
-                            "prune.calibration_batches=8",
-                            *o,
-                        ],
-                        seed,
-                        distill,
-                    )
+        for job in jobs(seeds):  # most informative first, so an interrupted bench has whole comparisons
+            prune_run(args, *job)
+            runs = done_runs()
+            structured = {n: Path(r["dir"]) for n, r in runs.items() if "@structured+kd@seed0" in n}
+            if len(structured) == len(STRUCTURED) and SPEED not in runs:
+                record({"name": SPEED, **forward_speed({"dense": WORK / "tuned", **structured})})
+            write_result("prune_recovery", report(args))
+    write_result("prune_recovery", report(args))
+
+
+def report(args) -> dict:
     runs = done_runs()
     result = {
         "model": "SmolLM2-135M (GGUF, fp32), tuned DSEE r=8 N=64 q,v",
@@ -270,10 +287,9 @@ def main() -> None:
         "targets": TARGETS,
         **summarize(runs),
     }
-    structured = {n: Path(r["dir"]) for n, r in runs.items() if "@structured+kd@seed0" in n}
-    if structured and not args.report_only:
-        result["forward_tokens_per_s"] = forward_speed({"dense": WORK / "tuned", **structured})
-    write_result("prune_recovery", result)
+    if SPEED in runs:
+        result["forward_tokens_per_s"] = {k: v for k, v in runs[SPEED].items() if k != "name"}
+    return result
 
 
 if __name__ == "__main__":
