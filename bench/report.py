@@ -609,6 +609,26 @@ class Report:
             )
         self.add(f"\n*{provenance(r)}*")
 
+    def sparsity_speed(self) -> None:
+        self.add("## What each kind of sparsity buys at inference: one linear layer's forward")
+        found = {n: r for n, r in self.data.items() if n.startswith("sparsity_speed_")}
+        if not found:
+            self.add("Not run yet (`python bench/sparsity_speed.py`; on a GPU the device check runs it).")
+            return
+        kinds = ["dense-50%-zeros", "csr-50%", "2:4-semi", "structured-25%"]
+        for r in found.values():
+            rows = [
+                [name, "x".join(map(str, row["shape"]))]
+                + [f"{row[k]['speedup_vs_dense']:.2f}x" if "us" in row[k] else "not run" for k in kinds]
+                for name, row in r["rows"].items()
+            ]
+            self.add(f"\n{r['device']}, {r['dtype']}, {r['tokens']} tokens; speed against the dense W:\n")
+            self.add(table(["matrix", "out x in", *kinds], rows))
+            skipped = {row[k]["skipped"] for row in r["rows"].values() for k in kinds if "skipped" in row[k]}
+            if skipped:
+                self.add("\nNot run: " + "; ".join(sorted(skipped)) + ".")
+            self.add(f"\n*{provenance(r)}*")
+
     def write(self) -> Path:
         head = [
             "# dsee-scale benchmark report",
@@ -625,6 +645,7 @@ class Report:
         self.instruct()
         self.frontier()
         self.prune_recovery()
+        self.sparsity_speed()
         self.out.write_text("\n".join(head + self.parts) + "\n")
         print(f"wrote {self.out} and {len(list(self.plots.glob('*.png')))} plots in {self.plots}")
         return self.out

@@ -81,6 +81,7 @@ BENCHES = {
         ],  # fmt: skip
         420,  # an estimate from the stdlib:qv runs here (~110 s per q,v run); not yet run whole
     ),
+    "sparsity_speed": ([], ["--tokens", "64", "--shapes", "smollm2-135m"], 2),
     "prune_recovery": (
         [],
         ["--tune-steps", "2", "--recover-steps", "1", "--seeds", "0", "--eval-blocks", "2"],

@@ -17,6 +17,9 @@ Steps, each timed; the first failure stops the check with the step named (exit c
                           against the framework's model rebuilt from DeepSpeed's consolidation
   bench                   bench/gpu_zero3.py: DSEE vs PEFT LoRA under ZeRO-3 bf16, on the same
                           target matrices: tokens/s and peak GPU memory
+  sparse-kernels          bench/sparsity_speed.py: one linear layer's forward with 50% zeros in a
+                          dense kernel, as CSR, 2:4 on sparse tensor cores
+                          (to_sparse_semi_structured) and 25% smaller (structured), against dense
 Models: a GPT-2-small-sized model (124M) and a SmolLM2-135M-shaped LLaMA (30 layers, GQA 9/3),
 random weights (saved once, so every run and the CPU reference start from the same ones; the
 real SmolLM2 GGUF is 92 MB, more than the device tool carries). Supports: magnitude (exactly
@@ -289,6 +292,11 @@ def main() -> None:
         tiny = ["--device", "cpu", "--tiny", "--steps", "1", "--batch", "2", "--seq", "16"]
         cmd += tiny if check.dry else ["--steps", "10"]
         r = check.run(cmd, "bench", env={"MASTER_PORT": str(_free_port())})
+        rec.update(output=r.stdout.strip().splitlines()[-4:])
+    with check.step("sparse-kernels") as rec:  # what unstructured / 2:4 / structured sparsity buys
+        cmd = [sys.executable, str(ROOT / "bench" / "sparsity_speed.py")]
+        cmd += ["--tokens", "64", "--shapes", "smollm2-135m"] if check.dry else []
+        r = check.run(cmd, "sparse-kernels")
         rec.update(output=r.stdout.strip().splitlines()[-4:])
     check.finish()
 

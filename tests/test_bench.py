@@ -98,6 +98,7 @@ def test_bench_bad_arguments_are_one_line_errors():
                 "support_launcher",
                 "instruct",
                 "frontier",
+                "sparsity_speed",
                 "prune_recovery",
             ]
         )

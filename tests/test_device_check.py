@@ -34,7 +34,7 @@ def test_the_dry_run_passes_every_step_and_writes_its_figures(tmp_path):
     res = json.loads((tmp_path / "results" / "device_check_cpu_dry.json").read_text())
     steps = res["steps"]
     assert list(steps) == ["device-tests", *(f"smollm2-135m/{s}" for s in (
-        "zero3", "offload", "cpu-reference", "prune", "export")), "bench"]  # fmt: skip
+        "zero3", "offload", "cpu-reference", "prune", "export")), "bench", "sparse-kernels"]  # fmt: skip
     assert all(s["ok"] for s in steps.values()) and res["failed_step"] is None
     assert steps["smollm2-135m/zero3"]["resumed_from"] == 2  # stopped half way, resumed
     # on the CPU the launcher runs and the plain-PyTorch reference agree far inside the GPU target
@@ -51,6 +51,12 @@ def test_the_dry_run_passes_every_step_and_writes_its_figures(tmp_path):
     assert rows["gpt2-medium/dsee"]["trainable_parameters"] == 2 * (8 * (64 + 3 * 64) + 64)
     assert rows["gpt2-medium/lora"]["trainable_parameters"] == 2 * 8 * (64 + 3 * 64)
     assert all(v["tokens_per_s"] > 0 and v["peak_gpu_memory_mb"] is None for v in rows.values())
+    # the sparse kernels: every kind timed against dense on the same W, except 2:4 (CUDA only)
+    kernels = json.loads((tmp_path / "results" / "sparsity_speed_cpu.json").read_text())["rows"]
+    assert set(kernels) == {f"smollm2-135m/{m}" for m in ("q_proj", "gate_proj", "down_proj")}
+    for row in kernels.values():
+        assert row["dense"]["speedup_vs_dense"] == 1.0 and "CUDA" in row["2:4-semi"]["skipped"]
+        assert all(row[k]["us"] > 0 for k in ("dense-50%-zeros", "csr-50%", "structured-25%"))
 
 
 def test_a_failing_step_stops_the_check_and_is_named(tmp_path):
