@@ -142,6 +142,10 @@ class CheckpointConfig:
     every: int = 100  # optimizer steps; also at the end
     keep_last: int = 2
     universal_timeout_s: int = 7200  # resuming on another world size: the conversion's own limit
+    # the frozen base in every checkpoint (save), or referenced by its source files' sha256
+    # (from_source: a model.path of safetensors or a GGUF; checkpoint/base.py); auto: from_source
+    # where possible
+    frozen_base: Literal["auto", "save", "from_source"] = "auto"
 
     def validate(self, section: str = "checkpoint") -> None:
         if self.every < 1 or self.keep_last < 1:

@@ -43,7 +43,15 @@ def rebuilt(ckpt_dir: Path, model_path: Path | None = None):
         model = AutoModelForCausalLM.from_config(load_config(ModelConfig(config=exp["model"]["config"])))
     inject(model, DSEEConfig(**exp["dsee"]), load_file(str(ck.dir / "dsee_supports.safetensors")))
     state = deepspeed_params(ck.dir.parent, tag=ck.tag)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    if "base" not in ck.meta:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        return model.eval()
+    # checkpoint.frozen_base: DeepSpeed's files hold no frozen weights; model_path gave them
+    if model_path is None:
+        raise ValueError("a checkpoint that references its base needs model_path")
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if unexpected or not set(missing) <= set(ck.frozen_shapes) | set(ck.shared):
+        raise ValueError(f"consolidation does not fit the model: {unexpected or missing}")
     return model.eval()
 
 

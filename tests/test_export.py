@@ -33,7 +33,7 @@ def runs(tmp_path_factory):
                 root / f"{kind}-{n}",
                 root / "cache",
                 train={"max_steps": 3},
-                checkpoint={"every": 3},
+                checkpoint={"every": 3, "frozen_base": "save"},  # whole, for DeepSpeed's zero_to_fp32
             )
             check(launch(cfg, n))
             out[f"{kind}-{n}"] = root / f"{kind}-{n}" / "checkpoints"
@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
         root / "bf16",
         root / "cache",
         train={"max_steps": 2, "precision": "bf16"},
-        checkpoint={"every": 2},
+        checkpoint={"every": 2, "frozen_base": "save"},
     )
     check(launch(bf, 1))
     out["gpt2-bf16"] = root / "bf16" / "checkpoints"

@@ -5,7 +5,8 @@
         step_<N>/                    engine.save_checkpoint(tag="step_<N>"): ZeRO-3 shards per rank
             zero_pp_rank_<r>_mp_rank_00_model_states.pt   (DeepSpeed's; reader.py reads them)
             [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt
-            dsee_meta.json           step, world size, tag, DSEE layer layout
+            dsee_meta.json           step, world size, tag, DSEE layer layout, and "base" when
+                                     the frozen weights are referenced, not saved (base.py)
             dsee_supports.safetensors  the supports Omega (identical on every rank)
             experiment.yaml          the experiment that wrote it
             manifest.json            every file's size and sha256 (written last but `latest`;
@@ -23,7 +24,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import yaml
 
@@ -52,6 +53,7 @@ class Meta(TypedDict):
     world_size: int
     tag: str
     dsee_layers: LayerLayout
+    base: NotRequired[Any]  # base.BaseRecord: the frozen base referenced, not saved
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:

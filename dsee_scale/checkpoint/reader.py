@@ -5,6 +5,8 @@ A ZeRO-3 checkpoint written by W ranks holds, per rank r:
                                                 fragment of every frozen parameter
   [bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt  fp32_flat_groups: this rank's partition
                                                 of every trainable parameter, back to back
+A checkpoint saved with checkpoint.frozen_base (base.py) has no frozen fragments: its frozen
+parameters are read from the model's own files, which dsee_meta.json names and checksums.
 A parameter of n elements is split in W partitions of ceil(n / W) (the last one padded), so
 every rank's flat groups hold exactly the sum of ceil(n / W) over the trainable parameters:
 anything else is refused, as DeepSpeed's own zero_to_fp32.py refuses it.
@@ -43,6 +45,7 @@ from deepspeed.checkpoint.constants import (
 
 from ..errors import UserError
 from . import format as fmt
+from .base import open_base
 
 DEEPSPEED_LAYOUT = ">=0.19,<0.20"  # the DeepSpeed versions whose checkpoint layout this reads
 MODULE, SHARED_PARAMS = "module", "shared_params"  # keys zero_to_fp32.py spells out too
@@ -112,6 +115,10 @@ class ZeroCheckpoint:
         ms = self.model_states[0]
         self.ds_version = str(ms.get(DS_VERSION, "unknown"))
         self.frozen_shapes = dict(ms.get(FROZEN_PARAM_SHAPES) or {})
+        self.base, self.base_names = None, {}  # frozen weights referenced in their source (base.py)
+        if "base" in self.meta:
+            self.base, self.base_names = open_base(self.meta["base"], d), self.meta["base"]["names"]
+            self.frozen_shapes = {n: self.base.shape(b) for n, b in self.base_names.items()}
         self.trainable_shapes: dict[str, torch.Size] = {}
         for group in ms[PARAM_SHAPES]:
             self.trainable_shapes.update(group)
@@ -123,7 +130,8 @@ class ZeroCheckpoint:
         self._check_layout(offset)
         self.buffer_names = list(ms.get(BUFFER_NAMES, []))
         self.shared = dict(ms.get(SHARED_PARAMS) or {})  # alias -> name
-        self.order = [k for k in ms[MODULE] if k not in self.shared]
+        order = self.meta["base"]["order"] if self.base is not None else ms[MODULE]
+        self.order = [k for k in order if k not in self.shared]
 
     def _check_layout(self, trainable_numel: int) -> None:
         """Every rank holds exactly its partitions, as DeepSpeed's zero_to_fp32 insists."""
@@ -132,7 +140,7 @@ class ZeroCheckpoint:
                 raise UserError(f"{optim_file(r, self.bf16)} in {str(self.dir)!r} holds "
                                 f"{self.flat[r].numel()} trainable values, {trainable_numel} expected: "
                                 "truncated or mismatched")  # fmt: skip
-        for name, shape in self.frozen_shapes.items():
+        for name, shape in self.frozen_shapes.items() if self.base is None else ():
             part = partition_numel(shape.numel(), self.world)
             for r, rank_states in enumerate(self.model_states):
                 fragment = rank_states[FROZEN_PARAM_FRAGMENTS].get(name)
@@ -181,6 +189,8 @@ class ZeroCheckpoint:
             o = self.offsets[name]
             pieces = [self.flat[r].narrow(0, o, part) for r in range(self.world)]
             return torch.cat(pieces).narrow(0, 0, shape.numel()).view(shape).clone()
+        if self.base is not None and name in self.base_names:
+            return self.base.tensor(self.base_names[name])
         if name in self.frozen_shapes:
             shape = self.frozen_shapes[name]
             frags = [ms[FROZEN_PARAM_FRAGMENTS][name] for ms in self.model_states]
@@ -206,6 +216,8 @@ class ZeroCheckpoint:
     def dtype_of(self, name: str) -> torch.dtype:
         if name in self.trainable_shapes:
             return torch.float32
+        if self.base is not None and name in self.base_names:
+            return self.base.dtype
         if name in self.frozen_shapes:
             return self.model_states[0][FROZEN_PARAM_FRAGMENTS][name].dtype
         return self.model_states[0][MODULE][name].dtype

@@ -9,6 +9,9 @@ The format (names, tags, manifest, layout) is dsee_scale/checkpoint/format.py. H
 - `check_same_run`: a resumed run must be the run that wrote the checkpoint (same model, DSEE,
   data, batches, precision); only the keys in MAY_CHANGE may differ.
 - `ensure_universal` / `restore_frozen`: resuming on another number of ranks.
+- `frozen base`: with checkpoint.frozen_base from_source (auto where possible) the checkpoints
+  hold no frozen parameters, only a record of the base's source files (checkpoint/base.py);
+  a resume checks the files against it and loads the base from them as a fresh run does.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import yaml
 from .. import zero
 from ..checkpoint import ZeroCheckpoint
 from ..checkpoint import format as fmt
+from ..checkpoint.base import BaseRecord
 from ..errors import ConfigError, UserError
 from ..experiment import ExperimentConfig
 from ..faults import kill_during_save
@@ -82,8 +86,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(
-    engine, exp: ExperimentConfig, step: int, world: int, supports: dict[str, torch.Tensor], rank: int
+    engine,
+    exp: ExperimentConfig,
+    step: int,
+    world: int,
+    supports: dict[str, torch.Tensor],
+    rank: int,
+    base: BaseRecord | None = None,
 ) -> Path:
+    """A complete checkpoint of the run at `step`; with `base` (checkpoint.frozen_base), without
+    the frozen parameters, which the record names in their source files instead."""
     from safetensors.torch import save_file
 
     root = fmt.checkpoints_dir(exp.output_dir)
@@ -93,6 +105,7 @@ def save(
         tag=tag,
         save_latest=False,
         client_state={fmt.CLIENT_STEP: step, fmt.CLIENT_RNG: rng_state()},
+        exclude_frozen_parameters=base is not None,
     )
     comm.barrier()  # every rank's shards are written
     kill_during_save(step, rank)
@@ -109,6 +122,8 @@ def save(
             "tag": tag,
             "dsee_layers": fmt.layer_layout(engine.module),
         }
+        if base is not None:
+            meta["base"] = base
         fmt.write_atomic(d / fmt.META, json.dumps(meta))
         fmt.write_manifest(d, hashed)
         fmt.write_atomic(root / fmt.LATEST, tag)  # only now is this checkpoint the one to resume

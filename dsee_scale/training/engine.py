@@ -22,7 +22,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .. import zero
 from ..errors import ConfigError
@@ -141,15 +141,21 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def frozen_dtype(exp: ExperimentConfig) -> Literal["float32", "bfloat16", "float16"]:
+    """The dtype the run holds its frozen weights in (its precision's, else model.dtype)."""
+    if exp.train.precision == "bf16":
+        return "bfloat16"
+    if exp.train.precision == "fp16":
+        return "float16"
+    return exp.model.dtype
+
+
 def build_model(exp: ExperimentConfig, ds: dict):
     """The base model, partitioned while it loads under ZeRO-3 (never a full copy per rank)."""
     from ..models import dequantized_once_per_node, load_model
 
     mc = copy.copy(exp.model)
-    if exp.train.precision == "bf16":
-        mc.dtype = "bfloat16"
-    elif exp.train.precision == "fp16":
-        mc.dtype = "float16"
+    mc.dtype = frozen_dtype(exp)
     if comm.rank_and_world()[1] > 1:  # a GGUF: dequantized by one rank per node, then loaded by all
         mc = dequantized_once_per_node(
             mc, int(os.environ.get("LOCAL_RANK", 0)), exp.train.collective_timeout_s

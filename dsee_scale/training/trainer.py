@@ -28,8 +28,11 @@ from torch import nn
 from ..adapters import choose_supports, inject
 from ..adapters.inject import check_num_sparse, resolve_targets, target_shape
 from ..checkpoint import format as fmt
+from ..checkpoint.base import BaseRecord, references_base
+from ..checkpoint.base import changed as base_changed
+from ..checkpoint.base import record as record_base
 from ..data import ByteTokenizer, Corpus, build_corpus, chat_template_of, micro_batch, packing_mode, to_device
-from ..errors import ConfigError, RunStopped
+from ..errors import ConfigError, RunStopped, UserError
 from ..experiment import ExperimentConfig
 from ..faults import exit_after_step, nan_fault
 from ..generation import held_out_samples
@@ -42,6 +45,7 @@ from .engine import (
     create_engine,
     deepspeed_config,
     enable_gradient_checkpointing,
+    frozen_dtype,
     trainable_count,
 )
 from .evaluate import dsee_histograms, evaluate, generation_eval, samples_markdown
@@ -121,6 +125,9 @@ class TrainingRun:
         self.config = load_config(exp.model)
         self.ds = deepspeed_config(exp, self.world, getattr(self.config, "hidden_size", None))
         self.resume = self.find_resume_point()
+        custom = self.build is not None and self.resume is None
+        self.reference_base = references_base(exp.checkpoint.frozen_base, exp.model, custom)
+        self.base: BaseRecord | None = None
         self.model, self.supports, self.inject_s = self.build_model()
         if self.teacher_builder is not None:
             self.create_teacher()
@@ -143,6 +150,13 @@ class TrainingRun:
             return None
         root, tag, meta = ckpt.resume_point(self.exp)
         ckpt.check_same_run(fmt.read_experiment(root / tag), self.exp, root / tag)
+        if "base" in meta:  # its frozen weights are the model's files: they must be the same files
+            problem = base_changed(meta["base"])
+            if problem is not None:
+                raise UserError(
+                    f"--resume: checkpoint {str(root / tag)!r} saved no frozen weights "
+                    f"(checkpoint.frozen_base) and {problem}; restore it or start a new run"
+                )
         load_tag = tag
         if meta["world_size"] != self.world:
             load_tag = ckpt.ensure_universal(root, tag, self.rank, self.exp.checkpoint.universal_timeout_s)
@@ -255,16 +269,30 @@ class TrainingRun:
         model = self.teacher_builder(self.exp, self.ds, self.rank, self.world)
         self.teacher = teacher_engine(model, self.ds)
 
+    def base_record(self) -> BaseRecord | None:
+        """What the checkpoints say of the frozen base instead of saving it (computed at the
+        first save: the source files hashed over the ranks), or None: they save it."""
+        if self.reference_base and self.base is None:
+            self.base = record_base(self.engine.module, self.exp.model, frozen_dtype(self.exp))
+            if self.base is None:
+                self.reference_base = False
+                self.monitor.text("checkpoint.frozen_base: a frozen parameter is not in the model's "
+                                  "files under its name; checkpoints save the frozen weights")  # fmt: skip
+        return self.base
+
     def load_checkpoint(self) -> int:
         """The resumed step (0 for a fresh run), with engine state, frozen weights, RNG."""
         r = self.resume
         if r is None:
             return 0
-        path, client = self.engine.load_checkpoint(str(r.root), tag=r.load_tag)
+        referenced = r.meta.get("base")  # frozen weights not saved: this run loaded them from source
+        path, client = self.engine.load_checkpoint(
+            str(r.root), tag=r.load_tag, load_module_strict=referenced is None
+        )
         if path is None:
             raise ConfigError(f"--resume: DeepSpeed could not load {r.root / r.load_tag}")
-        if r.load_tag != r.tag:  # another world size: frozen weights and RNG are not carried
-            ckpt.restore_frozen(self.engine.module, r.root, r.tag, self.rank)
+        if r.load_tag != r.tag and referenced is None:  # another world size: frozen weights and RNG
+            ckpt.restore_frozen(self.engine.module, r.root, r.tag, self.rank)  # are not carried
         elif client and fmt.CLIENT_RNG in client:
             ckpt.set_rng_state(client[fmt.CLIENT_RNG])
         return int(r.meta["step"])
@@ -334,7 +362,10 @@ class TrainingRun:
             # no scheduled checkpoint of a skipped step (the last good one stays `latest`); the
             # final one is written anyway: its state is the last good one's
             if (done % exp.checkpoint.every == 0 and not skipped) or done == self.total_steps or stop_here:
-                self.last_good = str(ckpt.save(self.engine, exp, done, self.world, self.supports, self.rank))
+                saved = ckpt.save(
+                    self.engine, exp, done, self.world, self.supports, self.rank, self.base_record()
+                )
+                self.last_good = str(saved)
             self.summary.update(
                 final_step=done,
                 final_loss=loss if math.isfinite(loss) else None,
