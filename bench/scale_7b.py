@@ -1,0 +1,255 @@
+"""Scale without O(model) work on one rank: a LLaMA-2-7B-shaped model through the whole pipeline.
+
+    python bench/scale_7b.py [--ranks 2] [--deepspeed ds_configs/zero3_offload_nvme.json]
+    python bench/scale_7b.py --shape tiny       # the same phases on a 2-layer model (minutes)
+
+Phases, each a real launcher run on --ranks processes (ZeRO-3, bf16, gradient checkpointing,
+DSEE r=8 N=64 on q,v with magnitude supports: GreBsmo is timed apart, see `support`):
+  base        random bf16 weights written as a Hugging Face safetensors directory, one tensor
+              at a time (the model's "source files", so checkpoints reference them:
+              checkpoint.frozen_base)
+  support     GreBsmo (100 rounds, float64, one thread as each rank runs it), SVD and magnitude
+              supports of ONE 4096 x 4096 matrix, timed in this process
+  train       inject, 3 steps of 1 x 256 tokens per rank, checkpoint
+  resume      --resume, 1 more step, checkpoint
+  structured  prune 1/4 of the heads and 25% of the MLP channels of every layer, 1 re-tune step
+  unstructured 50% of every block weight by a global magnitude threshold, 1 re-tune step
+  export      the unstructured run merged into a Hugging Face directory
+For every phase: wall seconds, the peak of the summed RSS of all its processes (sampled every
+0.2 s), bytes written, and that peak against ranks x (shard + largest layer) + the imports'
+RSS. Results: bench/results/scale_7b[_tiny].json. Disk: about 3.5 x the model's bf16 size in
+--work (default ~/.cache/dsee_scale/scale_7b), freed phase by phase where later phases do not
+need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from common import write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=8, vocab_size=512),
+}  # fmt: skip
+
+
+def write_base(d: Path, shape: dict) -> dict:
+    """A random bf16 LLaMA of `shape` as config.json + safetensors shards of ~2 GB, one tensor
+    in memory at a time (the model is never built whole)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**shape, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    cfg.dtype = torch.bfloat16
+    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    names: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        names.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                      p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                      p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                      p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                      p + "post_attention_layernorm.weight": (h,)})  # fmt: skip
+    names.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    d.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    shard: dict[str, torch.Tensor] = {}
+    files: list[list[str]] = []
+
+    def flush():
+        if shard:
+            save_file(shard, str(d / f"part-{len(files):05d}.safetensors"), metadata={"format": "pt"})
+            files.append(list(shard))
+            shard.clear()
+
+    total = 0
+    for name, s in names.items():
+        t = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02
+        shard[name] = t.to(torch.bfloat16)
+        total += shard[name].numel()
+        if sum(x.numel() * 2 for x in shard.values()) > 2e9:
+            flush()
+    flush()
+    n = len(files)
+    weight_map = {}
+    for k, names_in in enumerate(files):
+        final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(d / f"part-{k:05d}.safetensors", d / final)
+        weight_map.update(dict.fromkeys(names_in, final))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 2 * total},
+                                                                 "weight_map": weight_map}))  # fmt: skip
+    cfg.save_pretrained(d)
+    layer_params = 2 * h * h + 2 * kv * h + 3 * i * h + 2 * h
+    return {"parameters": total, "bytes_bf16": 2 * total, "largest_layer_params": max(layer_params, v * h)}
+
+
+def time_supports(n: int, rounds: int) -> dict:
+    """Support selection of one n x n matrix (q_proj of the shape), as one rank runs it."""
+    import torch
+
+    from dsee_scale.adapters.support import grebsmo_sparse, top_n
+
+    torch.set_num_threads(1)
+    w = (torch.randn(n, n, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    out: dict = {}
+    t0 = time.perf_counter()
+    top_n(w.float().abs(), 64)
+    out["magnitude_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torch.linalg.svd(w.float(), full_matrices=False)
+    out["svd_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    top_n(grebsmo_sparse(w[None].float(), [0], rounds=rounds)[0].abs(), 64)
+    out["grebsmo_seconds"] = time.perf_counter() - t0
+    out.update(matrix=[n, n], grebsmo_rounds=rounds, threads=1)
+    return out
+
+
+class Sampler:
+    """The peak of the summed RSS of a process and all its descendants, sampled every 0.2 s."""
+
+    def __init__(self, pid: int):
+        self.root, self.peak, self.stop = psutil.Process(pid), 0, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop.is_set():
+            total = 0
+            try:
+                for p in [self.root, *self.root.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.2)
+
+    def finish(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return self.peak / 2**30
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=list(SHAPES), default="llama-2-7b")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--deepspeed", default="ds_configs/zero3_offload_cpu.json")
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "dsee_scale" / "scale_7b"))
+    ap.add_argument("--grebsmo-rounds", type=int, default=100)
+    ap.add_argument("--phases", default="base,support,train,resume,structured,unstructured,export")
+    args = ap.parse_args()
+    shape = SHAPES[args.shape]
+    work = Path(args.work) / args.shape
+    work.mkdir(parents=True, exist_ok=True)
+    name = "scale_7b" + ("" if args.shape == "llama-2-7b" else f"_{args.shape}")
+    results_path = work / "phases.json"  # phases done so far (a rerun skips them)
+    done: dict = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    base = work / "base"
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    h = shape["hidden_size"]
+    heads, channels = shape["num_attention_heads"] // 4, shape["intermediate_size"] // 4
+    common = [
+        f"model.path={base}", "model.dtype=bfloat16", "dsee.r=8", "dsee.alpha=16", "dsee.num_sparse=64",
+        "dsee.support=magnitude", "data.source=python_stdlib", "data.block_size=256",
+        "data.max_train_blocks=64", "data.max_eval_blocks=2", f"data.cache_dir={work / 'data'}",
+        "train.batch_size=" + str(args.ranks), "train.micro_batch_size=1", "train.lr=1e-4",
+        "train.precision=bf16", "train.gradient_checkpointing=true", "train.histogram_every=1000",
+        "train.warmup_steps=0", "eval.every=1000000", "eval.batch_size=1", "checkpoint.keep_last=1",
+        f"deepspeed={args.deepspeed}", f"nvme_path={work / 'nvme'}",
+    ]  # fmt: skip
+
+    def launch(script: str, out: Path, *extra: str, flags: tuple[str, ...] = ()) -> dict:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
+               "--master_port", "29791", str(ROOT / "launchers" / script),
+               "--config", str(ROOT / "configs" / "scale-7b.yaml"), *flags,
+               f"output_dir={out}", *common, *extra]  # fmt: skip
+        return measured(cmd, out)
+
+    def measured(cmd: list[str], out: Path) -> dict:
+        print(" ".join(cmd[-8:]), flush=True)
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        s = Sampler(p.pid)
+        rc = p.wait()
+        peak = s.finish()
+        if rc != 0:
+            sys.exit(f"error: {' '.join(cmd[-6:])} exited {rc}")
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "peak_rss_gib_all_processes": peak, "bytes_written": du(out)}
+
+    def phase(key: str, fn) -> None:
+        if key in done or key not in args.phases.split(","):
+            return
+        print(f"== {key}", flush=True)
+        done[key] = fn()
+        results_path.write_text(json.dumps(done, indent=1))
+        print(json.dumps(done[key]), flush=True)
+
+    def make_base() -> dict:
+        shutil.rmtree(base, ignore_errors=True)
+        t0 = time.perf_counter()
+        info = write_base(base, shape)
+        return {**info, "seconds": time.perf_counter() - t0, "bytes_written": du(base)}
+
+    phase("base", make_base)
+    phase("support", lambda: time_supports(h, args.grebsmo_rounds))
+    tuned = work / "tuned"
+    phase("train", lambda: launch("train.py", tuned, "train.max_steps=3", "checkpoint.every=3"))
+    resume = ("train.max_steps=4", "checkpoint.every=4")
+    phase("resume", lambda: launch("train.py", tuned, *resume, flags=("--resume",)))
+    ckpt = ("--from", str(tuned / "checkpoints"))
+    one_step = ("train.max_steps=1", "checkpoint.every=1")
+    structured = work / "structured"
+    cut = (f"prune.heads_per_layer={heads}", f"prune.channels_per_layer={channels}",
+           "prune.head_score=weight", "prune.channel_score=weight")  # fmt: skip
+    phase("structured", lambda: launch("prune.py", structured, "prune.kind=structured", *cut, *one_step,
+                                        flags=ckpt))  # fmt: skip
+    if "structured" in done:
+        shutil.rmtree(structured, ignore_errors=True)  # nothing later needs it (its size is recorded)
+    unstructured = work / "unstructured"
+    half = ("prune.ratio=0.5", "prune.scope=global", "prune.score=magnitude")
+    phase("unstructured", lambda: launch("prune.py", unstructured, "prune.kind=unstructured", *half,
+                                          *one_step, flags=ckpt))  # fmt: skip
+    export = work / "export"
+    exporter = [sys.executable, str(ROOT / "launchers" / "export.py")]
+    phase("export", lambda: measured([*exporter, str(unstructured / "checkpoints"), str(export), "--force"],
+                                     export))  # fmt: skip
+    info = done.get("base", {})
+    bound = None
+    if info:
+        shard = info["bytes_bf16"] / args.ranks
+        layer = 2 * info["largest_layer_params"]
+        bound = {"shard_gib": shard / 2**30, "largest_layer_gib": layer / 2**30,
+                 "ranks_x_shard_plus_layer_gib": args.ranks * (shard + layer) / 2**30}  # fmt: skip
+    result = {"shape": {args.shape: shape}, "ranks": args.ranks, "deepspeed": args.deepspeed,
+              "phases": done, "memory_bound": bound,
+              "target_peak_rss_gib_all_ranks": 20}  # fmt: skip
+    write_result(name, result)
+
+
+if __name__ == "__main__":
+    main()
