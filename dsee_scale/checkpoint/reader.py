@@ -188,13 +188,13 @@ class ZeroCheckpoint:
             part = partition_numel(shape.numel(), self.world)
             o = self.offsets[name]
             pieces = [self.flat[r].narrow(0, o, part) for r in range(self.world)]
-            return torch.cat(pieces).narrow(0, 0, shape.numel()).view(shape).clone()
+            return torch.cat(pieces).narrow(0, 0, shape.numel()).view(shape)  # cat made the copy
         if self.base is not None and name in self.base_names:
             return self.base.tensor(self.base_names[name])
         if name in self.frozen_shapes:
             shape = self.frozen_shapes[name]
             frags = [ms[FROZEN_PARAM_FRAGMENTS][name] for ms in self.model_states]
-            return torch.cat(frags).narrow(0, 0, shape.numel()).view(shape).clone()
+            return torch.cat(frags).narrow(0, 0, shape.numel()).view(shape)  # cat made the copy
         if name in self.model_states[0][MODULE]:
             return self.model_states[0][MODULE][name].clone()  # a buffer
         raise KeyError(name)

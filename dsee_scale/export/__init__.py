@@ -285,7 +285,7 @@ def _write_merged(
     for i, (name, t, _) in enumerate(merged_tensors(ck, dsee, layers, tied)):
         t = t.to(out_dtype) if t.is_floating_point() else t
         if t.dim() == 2 and (arch is None or arch.block_index(name) is not None):  # blocks' matrices
-            zeros += int((t == 0).sum())
+            zeros += t.numel() - int(torch.count_nonzero(t))
             block_numel += t.numel()
         writer.add(name, t)
         if progress is not None:
