@@ -174,7 +174,7 @@ def prune_run(args, name: str, overrides: list[str], seed: int, distill: bool) -
     return row
 
 
-def forward_speed(dirs: dict[str, Path], rounds: int = 3) -> dict[str, float]:
+def forward_speed(dirs: dict[str, Path], rounds: int = 7) -> dict[str, float]:
     """Forward tokens/s of each merged export (4 x 256 tokens), alternating between models."""
     import torch
     from transformers import AutoModelForCausalLM
