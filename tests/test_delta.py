@@ -5,10 +5,19 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from dsee_scale.adapters import delta as delta_module
 from dsee_scale.adapters.delta import SparseLowRankDelta
 from dsee_scale.adapters.layer import DSEELayer, weight_out_in
 
 IN, OUT, R, ALPHA, N = 24, 30, 4, 8.0, 17
+
+
+@pytest.fixture(autouse=True, params=["gather", "csr"])
+def sparse_kernel(request, monkeypatch):
+    """Every test on both ways S x is computed: gathers + index_add (small N, the default N=64)
+    and the CSR sparse kernels (large N)."""
+    monkeypatch.setattr(delta_module, "GATHER_MAX_N", 10**9 if request.param == "gather" else 0)
+    return request.param
 
 
 def make_layer(kind: str, slices=("full",)):
