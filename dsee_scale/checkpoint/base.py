@@ -173,13 +173,18 @@ def record(module, mc: ModelConfig, dtype: str) -> BaseRecord | None:
     }
 
 
-def open_base(rec: BaseRecord, where: Path) -> BaseWeights:
-    """The base a checkpoint references, checked against its record (one-line error if not)."""
-    mc = from_dict(ModelConfig, rec["model"], "base.model")
+def verify(rec: BaseRecord, where: Path, action: str = "") -> None:
+    """Refuse a checkpoint whose base files changed since it was written (one line, the file
+    named; every rank of a process group calls it)."""
     problem = changed(rec)
     if problem is not None:
         raise UserError(
-            f"checkpoint {str(where)!r} saved no frozen weights (checkpoint.frozen_base) and {problem}; "
-            "restore that file, or resume / export a checkpoint saved with checkpoint.frozen_base: save"
+            f"{action}checkpoint {str(where)!r} saved no frozen weights (checkpoint.frozen_base) and "
+            f"{problem}; restore that file, or use a checkpoint saved with checkpoint.frozen_base: save"
         )
-    return BaseWeights(mc, rec["dtype"])
+
+
+def open_base(rec: BaseRecord, where: Path) -> BaseWeights:
+    """The base a checkpoint references, checked against its record."""
+    verify(rec, where)
+    return BaseWeights(from_dict(ModelConfig, rec["model"], "base.model"), rec["dtype"])

@@ -29,10 +29,10 @@ from ..adapters import choose_supports, inject
 from ..adapters.inject import check_num_sparse, resolve_targets, target_shape
 from ..checkpoint import format as fmt
 from ..checkpoint.base import BaseRecord, references_base
-from ..checkpoint.base import changed as base_changed
 from ..checkpoint.base import record as record_base
+from ..checkpoint.base import verify as verify_base
 from ..data import ByteTokenizer, Corpus, build_corpus, chat_template_of, micro_batch, packing_mode, to_device
-from ..errors import ConfigError, RunStopped, UserError
+from ..errors import ConfigError, RunStopped
 from ..experiment import ExperimentConfig
 from ..faults import exit_after_step, nan_fault
 from ..generation import held_out_samples
@@ -151,12 +151,7 @@ class TrainingRun:
         root, tag, meta = ckpt.resume_point(self.exp)
         ckpt.check_same_run(fmt.read_experiment(root / tag), self.exp, root / tag)
         if "base" in meta:  # its frozen weights are the model's files: they must be the same files
-            problem = base_changed(meta["base"])
-            if problem is not None:
-                raise UserError(
-                    f"--resume: checkpoint {str(root / tag)!r} saved no frozen weights "
-                    f"(checkpoint.frozen_base) and {problem}; restore it or start a new run"
-                )
+            verify_base(meta["base"], root / tag, "--resume: ")
         load_tag = tag
         if meta["world_size"] != self.world:
             load_tag = ckpt.ensure_universal(root, tag, self.rank, self.exp.checkpoint.universal_timeout_s)
