@@ -172,10 +172,10 @@ def test_out_dir_is_never_half_written_or_silently_replaced(runs, tmp_path, monk
 
     import dsee_scale.export as ex
 
-    def boom(self, name, t):
+    def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ex.ShardWriter, "add", boom)
+    monkeypatch.setattr(ex.shards, "write_file", boom)
     with pytest.raises(RuntimeError):
         export_checkpoint(str(runs["gpt2-1"]), str(out), force=True)
     assert (out / "keep.txt").read_text() == "mine"  # untouched by the failed export
@@ -194,3 +194,36 @@ def test_shard_sizes_in_decimal_and_binary_units():
     for bad in ("2 apples", "GiB", "2XB", "1.5iB"):
         with pytest.raises(UserError, match="--max-shard-size"):
             parse_size(bad)
+
+
+def test_streamed_shards_read_back_by_safetensors(tmp_path):
+    """The streaming writer's files are what safetensors' own save_file would hold: every dtype
+    a model has, tensors given in several pieces, shards cut at the size limit, and the
+    header's byte count enforced."""
+    from safetensors import safe_open
+
+    from dsee_scale.export import shards
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.bf16": torch.randn(5, 7, generator=g).bfloat16(), "b.f32": torch.randn(3, generator=g),
+               "c.i64": torch.arange(6).view(2, 3), "d.bool": torch.tensor([True, False, True]),
+               "e.f16": torch.randn(4, 4, generator=g).half(), "f.scalar": torch.tensor(2.5)}  # fmt: skip
+    planned = [shards.Planned(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    files = shards.plan_shards(planned, max_bytes=80)
+    assert [[e.name for e in f] for f in files] == [
+        ["a.bf16"],
+        ["b.f32", "c.i64", "d.bool"],
+        ["e.f16", "f.scalar"],
+    ]  # 70, 63, 36 bytes
+    for i, entries in enumerate(files):
+        cut = [list(torch.tensor_split(tensors[e.name].reshape(-1), 3)) for e in entries]  # uneven pieces
+        shards.write_file(tmp_path / f"{i}.safetensors", entries, cut, {"format": "pt"})
+        with safe_open(str(tmp_path / f"{i}.safetensors"), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == sorted(e.name for e in entries)
+            for e in entries:
+                assert f.get_tensor(e.name).dtype == tensors[e.name].dtype
+                assert torch.equal(f.get_tensor(e.name), tensors[e.name])
+    short = [shards.Planned("x", (4,), torch.float32)]
+    with pytest.raises(ValueError, match="8 bytes produced, 16 planned"):
+        shards.write_file(tmp_path / "short.safetensors", short, [[torch.zeros(2)]], {})
+    assert list(shards.ahead(lambda i: i * i, range(5))) == [0, 1, 4, 9, 16]

@@ -161,10 +161,11 @@ class ZeroCheckpoint:
                 f"{str(d)!r} is a ZeRO stage {stage} checkpoint; this reader streams "
                 "stage 3 (use DeepSpeed's zero_to_fp32.py for others)"
             )
-        self.flat = []  # per rank: one flat fp32 tensor of all its trainable partitions
+        flat = []  # per rank: one flat fp32 tensor of all its trainable partitions
         for o in optim:
             groups = o[OPTIMIZER_STATE_DICT][FP32_FLAT_GROUPS]
-            self.flat.append(groups[0] if len(groups) == 1 else torch.cat(groups))
+            flat.append(groups[0] if len(groups) == 1 else torch.cat(groups))
+        self.flat = flat  # swapped whole: a reader on another thread sees old maps or new ones
 
     def release(self) -> None:
         """Drop the pages read so far (the exporter calls this after each written shard), so
@@ -192,12 +193,33 @@ class ZeroCheckpoint:
         if self.base is not None and name in self.base_names:
             return self.base.tensor(self.base_names[name])
         if name in self.frozen_shapes:
-            shape = self.frozen_shapes[name]
-            frags = [ms[FROZEN_PARAM_FRAGMENTS][name] for ms in self.model_states]
-            return torch.cat(frags).narrow(0, 0, shape.numel()).view(shape)  # cat made the copy
+            return torch.cat(self.pieces(name)).view(self.frozen_shapes[name])  # cat made the copy
         if name in self.model_states[0][MODULE]:
             return self.model_states[0][MODULE][name].clone()  # a buffer
         raise KeyError(name)
+
+    def shape_of(self, name: str) -> torch.Size:
+        name = self.shared.get(name, name)
+        for shapes in (self.trainable_shapes, self.frozen_shapes):
+            if name in shapes:
+                return torch.Size(shapes[name])
+        return self.model_states[0][MODULE][name].shape
+
+    def pieces(self, name: str) -> list[torch.Tensor]:
+        """The tensor `name` as flat pieces whose concatenation is its data in row-major order:
+        a frozen parameter saved in the checkpoint comes as every rank's fragment, viewed in the
+        memory map (no copy; the last one's padding cut off), anything else as one piece."""
+        name = self.shared.get(name, name)
+        if self.base is not None or name not in self.frozen_shapes:
+            return [self.tensor(name).reshape(-1)]
+        left, out = self.frozen_shapes[name].numel(), []
+        for ms in self.model_states:
+            fragment = ms[FROZEN_PARAM_FRAGMENTS][name].reshape(-1)
+            take = min(left, fragment.numel())
+            if take:
+                out.append(fragment.narrow(0, 0, take))
+            left -= take
+        return out
 
     def dsee_delta(self, prefix: str, cfg):
         """The trained update at `prefix` (adapters.layer.delta_name(layer, slice))."""

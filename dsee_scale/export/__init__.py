@@ -14,12 +14,13 @@ leaves no half-written model, and an existing non-empty out_dir is replaced only
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TypedDict
+from typing import NamedTuple, TypedDict
 
 import torch
 
@@ -32,7 +33,7 @@ from ..checkpoint.format import LayerLayout
 from ..config import from_dict
 from ..errors import UserError
 from ..models import ModelConfig, load_config
-from . import gguf
+from . import gguf, shards
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -69,75 +70,50 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
 
 
-class ShardWriter:
-    """Safetensors shards of at most max_bytes, then model.safetensors.index.json."""
+class Source(NamedTuple):
+    """One tensor of the merged model: its output name, its name in the checkpoint, and the
+    DSEE layer whose update folds into it (None: copied as saved)."""
 
-    def __init__(self, out: Path, max_bytes: int, metadata: dict[str, str], on_flush=None):
-        self.out, self.max_bytes, self.metadata, self.on_flush = out, max_bytes, metadata, on_flush
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[list[str]] = []
-        self.total = 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        size = t.numel() * t.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = t.contiguous()
-        self.pending_bytes += size
-        self.total += size
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        path = self.out / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(path), metadata=self.metadata)
-        self.files.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-        if self.on_flush is not None:
-            self.on_flush()
-
-    def finish(self) -> None:
-        self.flush()
-        n = len(self.files)
-        weight_map = {}
-        for i, names in enumerate(self.files):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.out / f"shard-{i:05d}.tmp", self.out / final)
-            weight_map.update({k: final for k in names})
-        if n > 1:
-            (self.out / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2)
-            )
+    out: str
+    name: str
+    layer: str | None
 
 
-def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: LayerLayout, tied: bool):
-    """(name, tensor, source dtype) of the merged model in the checkpoint's order, one at a time."""
+def merged_sources(ck: ZeroCheckpoint, layers: LayerLayout, tied: bool) -> list[Source]:
+    """The merged model's tensors in the checkpoint's order (DSEE's own parameters fold into
+    their layer's weight; a tied lm_head is left to the embedding)."""
+    out = []
     for name in ck.names():
-        if is_dsee_name(name):
-            continue  # folded into its layer's weight below
-        if tied and name == "lm_head.weight":
+        if is_dsee_name(name) or (tied and name == "lm_head.weight"):
             continue
         module, _, leaf = name.rpartition(".")
         if module.endswith("." + BASE):
             layer = module[: -len(BASE) - 1]
-            out_name = f"{layer}.{leaf}"
-            t = ck.tensor(name)
-            if leaf == "weight" and layer in layers:
-                info = layers[layer]
-                w = t.float()
-                w_oi = w.t() if info["kind"] == "conv1d" else w  # out x in view
-                with torch.no_grad():
-                    for s, (lo, hi) in info["slices"].items():
-                        d = ck.dsee_delta(delta_name(layer, s), dsee)
-                        w_oi[lo:hi] += kept_update(d, w_oi[lo:hi]) if dsee.keep_zeros else d.delta_weight()
-                yield out_name, w, ck.dtype_of(name)
-            else:
-                yield out_name, t, ck.dtype_of(name)
+            merged = leaf == "weight" and layer in layers
+            out.append(Source(f"{layer}.{leaf}", name, layer if merged else None))
         else:
-            yield name, ck.tensor(name), ck.dtype_of(name)
+            out.append(Source(name, name, None))
+    return out
+
+
+def merged_weight(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: LayerLayout, src: Source) -> torch.Tensor:
+    """W + (alpha/r)(BA + S) of one DSEE layer's weight, in float32."""
+    assert src.layer is not None
+    info = layers[src.layer]
+    w = ck.tensor(src.name).float()
+    w_oi = w.t() if info["kind"] == "conv1d" else w  # out x in view
+    with torch.no_grad():
+        for s, (lo, hi) in info["slices"].items():
+            d = ck.dsee_delta(delta_name(src.layer, s), dsee)
+            w_oi[lo:hi] += kept_update(d, w_oi[lo:hi]) if dsee.keep_zeros else d.delta_weight()
+    return w
+
+
+def merged_tensors(ck: ZeroCheckpoint, dsee: DSEEConfig, layers: LayerLayout, tied: bool):
+    """(name, tensor, source dtype) of the merged model in the checkpoint's order, one at a time."""
+    for src in merged_sources(ck, layers, tied):
+        t = ck.tensor(src.name) if src.layer is None else merged_weight(ck, dsee, layers, src)
+        yield src.out, t, ck.dtype_of(src.name)
 
 
 def name_architecture(cfg, out: Path) -> bool:
@@ -279,18 +255,51 @@ def _write_merged(
     frozen_dtypes = {ck.dtype_of(n) for n in ck.frozen_shapes}
     frozen_dtype = frozen_dtypes.pop() if len(frozen_dtypes) == 1 else torch.float32
     out_dtype = frozen_dtype if dtype == "auto" else DTYPES[dtype]
-    writer = ShardWriter(tmp, max_bytes, {"format": "pt"}, on_flush=ck.release)
-    total = sum(1 for n in ck.names() if not is_dsee_name(n) and not (tied and n == "lm_head.weight"))
-    zeros = block_numel = 0
-    for i, (name, t, _) in enumerate(merged_tensors(ck, dsee, layers, tied)):
-        t = t.to(out_dtype) if t.is_floating_point() else t
-        if t.dim() == 2 and (arch is None or arch.block_index(name) is not None):  # blocks' matrices
-            zeros += t.numel() - int(torch.count_nonzero(t))
-            block_numel += t.numel()
-        writer.add(name, t)
-        if progress is not None:
-            progress(i + 1, total)
-    writer.finish()
+    sources = merged_sources(ck, layers, tied)
+    planned = []
+    for src in sources:
+        src_dtype = ck.dtype_of(src.name)
+        planned.append(shards.Planned(src.out, tuple(ck.shape_of(src.name)),
+                                      out_dtype if src_dtype.is_floating_point else src_dtype))  # fmt: skip
+    is_block = {e.name: len(e.shape) == 2 and (arch is None or arch.block_index(e.name) is not None)
+                for e in planned}  # fmt: skip
+
+    def produce(i: int) -> tuple[list[torch.Tensor], int]:
+        """Tensor i as pieces in its written dtype, and its zeros (blocks' matrices only)."""
+        src, want = sources[i], planned[i].dtype
+        if src.layer is None:
+            parts = [p if p.dtype == want else p.to(want) for p in ck.pieces(src.name)]
+        else:
+            parts = [merged_weight(ck, dsee, layers, src).to(want).reshape(-1)]
+        zeros = sum(p.numel() - int(torch.count_nonzero(p)) for p in parts) if is_block[src.out] else 0
+        return parts, zeros
+
+    results = shards.ahead(produce, range(len(planned)))
+    zeros = done = 0
+
+    def pieces(n: int):
+        """The next n tensors' pieces, counting their zeros and reporting progress."""
+        nonlocal zeros, done
+        for _ in range(n):
+            parts, z = next(results)
+            zeros += z
+            done += 1
+            yield parts
+            if progress is not None:
+                progress(done, len(planned))
+
+    files = shards.plan_shards(planned, max_bytes)
+    names = shards.file_names(len(files))
+    for entries, fname in zip(files, names):
+        shards.write_file(tmp / fname, entries, pieces(len(entries)), {"format": "pt"})
+        ck.release()  # let go of the pages read for this file
+    if len(files) > 1:
+        weight_map = {e.name: fname for entries, fname in zip(files, names) for e in entries}
+        total = sum(e.nbytes for e in planned)
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    block_numel = sum(math.prod(e.shape) for e in planned if is_block[e.name])
     cfg.dtype = out_dtype
     self_contained = name_architecture(cfg, tmp)
     cfg.save_pretrained(tmp)
@@ -304,7 +313,7 @@ def _write_merged(
     rounded = out_dtype != torch.float32
     return {
         "files": sorted(p.name for p in tmp.iterdir()),
-        "bytes": writer.total,
+        "bytes": sum(e.nbytes for e in planned),
         "frozen_dtype": DTYPE_NAMES.get(frozen_dtype, str(frozen_dtype)),
         "trainable_dtype": "fp32",
         "written_dtype": DTYPE_NAMES.get(out_dtype, str(out_dtype)),
