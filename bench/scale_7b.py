@@ -153,6 +153,40 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+def export_beside_baselines(ckpt: Path, work: Path, measured) -> dict:
+    """The merged export of a 7B checkpoint, in the same run as its two baselines: a plain copy
+    of the checkpoint's files (the disk's speed) and DeepSpeed's own zero_to_fp32 consolidation
+    of the same checkpoint to bf16 safetensors in 2 GB shards (the same bytes out). Each output
+    is deleted before the next is written (disk)."""
+    tag_dir = ckpt / (ckpt / "latest").read_text().strip()
+    files = sorted(f for f in tag_dir.iterdir() if f.is_file())
+    copy = work / "copy"
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir()
+    t0 = time.perf_counter()
+    for f in files:
+        shutil.copyfile(f, copy / f.name)
+    os.sync()
+    plain = {"seconds": time.perf_counter() - t0, "bytes": du(copy)}
+    shutil.rmtree(copy)
+    export = work / "export"
+    cmd = [sys.executable, str(ROOT / "launchers" / "export.py"), str(ckpt), str(export), "--force"]
+    ours = measured([*cmd, "--max-shard-size", "2GB"], export, sync=True)
+    shutil.rmtree(export)
+    z2f = work / "zero_to_fp32"
+    shutil.rmtree(z2f, ignore_errors=True)
+    script = ("import torch\nfrom deepspeed.utils import zero_to_fp32 as z\n"
+              f"z.convert_zero_checkpoint_to_state_dict({str(ckpt)!r}, {str(z2f)!r}, dtype=torch.bfloat16, "
+              "max_shard_size='2GB', safe_serialization=True)")  # fmt: skip
+    deepspeed = measured([sys.executable, "-c", script], z2f, sync=True)
+    shutil.rmtree(z2f)
+    for r in (plain, ours, deepspeed):
+        r["bytes_per_second"] = (r.get("bytes") or r["bytes_written"]) / r["seconds"]
+    return {**ours, "plain_copy": plain, "deepspeed_zero_to_fp32": deepspeed,
+            "export_over_plain_copy_speed": ours["bytes_per_second"] / plain["bytes_per_second"],
+            "checkpoint_bytes": sum(f.stat().st_size for f in files)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=list(SHAPES), default="llama-2-7b")
@@ -189,7 +223,9 @@ def main() -> None:
                f"output_dir={out}", *common, *extra]  # fmt: skip
         return measured(cmd, out)
 
-    def measured(cmd: list[str], out: Path) -> dict:
+    def measured(cmd: list[str], out: Path, sync: bool = False) -> dict:
+        """Run cmd; its wall seconds (sync: including writing its files to disk), the peak
+        summed RSS of it and its children, and the bytes under out."""
         print(" ".join(cmd[-8:]), flush=True)
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=ROOT, env=env)
@@ -198,6 +234,8 @@ def main() -> None:
         peak = s.finish()
         if rc != 0:
             sys.exit(f"error: {' '.join(cmd[-6:])} exited {rc}")
+        if sync:
+            os.sync()
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "peak_rss_gib_all_processes": peak, "bytes_written": du(out)}
 
@@ -234,10 +272,7 @@ def main() -> None:
     half = ("prune.ratio=0.5", "prune.scope=global", "prune.score=magnitude")
     phase("unstructured", lambda: launch("prune.py", unstructured, "prune.kind=unstructured", *half,
                                           *one_step, flags=ckpt))  # fmt: skip
-    export = work / "export"
-    exporter = [sys.executable, str(ROOT / "launchers" / "export.py")]
-    phase("export", lambda: measured([*exporter, str(unstructured / "checkpoints"), str(export), "--force"],
-                                     export))  # fmt: skip
+    phase("export", lambda: export_beside_baselines(unstructured / "checkpoints", work, measured))
     info = done.get("base", {})
     bound = None
     if info:
