@@ -118,6 +118,21 @@ def load_model(cfg: ModelConfig):
     return model
 
 
+def partitioned_skeleton(cfg: ModelConfig):
+    """The model of cfg's directory built under ZeRO-3's zero.Init with no weights read and none
+    initialised (each rank's partitions are empty until filled): what `from_pretrained` builds
+    before it loads, made by the same init contexts. `engine.build_model` fills it."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils.generic import ContextManagers
+
+    config = AutoConfig.from_pretrained(str(cfg.path))
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    with ContextManagers(model_class.get_init_context(DTYPES[cfg.dtype], False, False, None)):
+        model = model_class(config)
+    return model
+
+
 def dequantized_once_per_node(cfg: ModelConfig, local_rank: int, timeout_s: int = 3600) -> ModelConfig:
     """A GGUF model as a safetensors directory that the node's local rank 0 writes once (the
     dequantization runs there alone, whole-model in memory once per node) and every rank then

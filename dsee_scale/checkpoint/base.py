@@ -140,6 +140,20 @@ class BaseWeights:
         """The tensor as the run held it (loaded in the run's dtype, as from_pretrained does)."""
         return self.files[name].get_tensor(name).to(self.dtype)
 
+    def flat_range(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the flattened tensor, in the run's dtype, reading only the
+        rows that hold them from the file (a ZeRO-3 rank's partition of a parameter)."""
+        sl = self.files[name].get_slice(name)
+        shape = sl.get_shape()
+        if len(shape) < 2:
+            return sl[:].reshape(-1)[start:end].to(self.dtype)
+        row = 1
+        for n in shape[1:]:
+            row *= n
+        first, last = start // row, -(-end // row)
+        rows = sl[first:last].reshape(-1)
+        return rows[start - first * row : end - first * row].to(self.dtype)
+
 
 def name_in(base: BaseWeights, param: str) -> str | None:
     """A frozen parameter's tensor name in the base: DSEE's `.base_layer` dropped, and the

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from .. import zero
 from ..errors import ConfigError
 from ..experiment import ExperimentConfig
@@ -162,7 +164,45 @@ def build_model(exp: ExperimentConfig, ds: dict):
         )
     if zero_stage(ds) == 3:
         zero.partitioned_loading(copy.deepcopy(ds))
+        model = load_into_partitions(mc, ds)
+        if model is not None:
+            return model
     return load_model(mc)
+
+
+def load_into_partitions(mc, ds: dict):
+    """A model directory's weights under ZeRO-3, each rank reading only its own partition of
+    every parameter from the safetensors files (memory-mapped rows), with no gather and no
+    collective: O(model / world) per rank. (transformers' from_pretrained under ZeRO-3 reads
+    every tensor on rank 0 and gathers each layer to write it.) None where this does not apply
+    (no safetensors, an architecture outside archs.py, parameter offload to NVMe, a tensor the
+    files name otherwise): then from_pretrained loads it."""
+    from ..archs import BY_MODEL_TYPE
+    from ..checkpoint.base import BaseWeights, name_in
+    from ..models import load_config, partitioned_skeleton, resolve_preset
+
+    src = resolve_preset(mc)
+    offload = ds.get("zero_optimization", {}).get("offload_param") or {}
+    if offload.get("device") == "nvme" or src.path is None:
+        return None
+    if not any(Path(str(src.path)).glob("*.safetensors")):
+        return None
+    if load_config(src).model_type not in BY_MODEL_TYPE:
+        return None
+    model = partitioned_skeleton(src)
+    model.tie_weights()  # tied parameters are one parameter, read once
+    base = BaseWeights(src, src.dtype)
+    names = {n: name_in(base, n) for n, _ in model.named_parameters()}
+    if any(b is None or base.shape(b) != zero.full_shape(p) for (n, p), b in
+           zip(model.named_parameters(), names.values())):  # fmt: skip
+        return None
+    zero.fill_own_partitions(model, lambda n, start, end: base.flat_range(str(names[n]), start, end))
+    with torch.no_grad():
+        for n, buf in model.named_buffers():  # persistent buffers the files hold (others are computed)
+            b = name_in(base, n)
+            if b is not None:
+                buf.copy_(base.tensor(b))
+    return model.eval()
 
 
 def lr_scheduler_factory(t, total_steps: int):

@@ -8,7 +8,8 @@ rule are in `comm.py`.
 Private DeepSpeed / transformers internals dsee-scale relies on (all read here or in the
 checkpoint reader, `dsee_scale/checkpoint/reader.py`), checked against deepspeed 0.19.x and
 transformers 5.x:
-- `param.ds_id`, `ds_shape`, `ds_numel`: ZeRO-3 parameter attributes (stage3 partitioning);
+- `param.ds_id`, `ds_shape`, `ds_numel`, `ds_tensor`: ZeRO-3 parameter attributes (stage3
+  partitioning; `ds_tensor` is the rank's flat partition, filled by `fill_own_partitions`);
 - `deepspeed.zero.GatheredParameters(params, modifier_rank=...)` semantics for in-place edits;
 - `transformers.integrations.HfDeepSpeedConfig`: a live instance makes `from_pretrained` /
   `from_config` build under `deepspeed.zero.Init` (held by `partitioned_loading`);
@@ -99,6 +100,22 @@ def whole_loading():
         yield
     finally:
         set_hf_deepspeed_config(_live_hf_configs[-1])
+
+
+def fill_own_partitions(model: nn.Module, read: Callable[[str, int, int], torch.Tensor]) -> None:
+    """Write each partitioned parameter's own shard on this rank straight from its source, with
+    no gather and no collective: read(name, start, end) gives elements [start, end) of the
+    flattened full tensor. DeepSpeed cuts a parameter of n elements into world partitions of
+    ceil(n / world), rank r holding [r * size, (r + 1) * size) (the last one padded), in
+    `param.ds_tensor`; so each rank reads 1/world of the model and never holds a full layer."""
+    rank, _ = comm.rank_and_world()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            shard = p.ds_tensor  # type: ignore[attr-defined]
+            start = rank * shard.numel()
+            end = min(start + shard.numel(), full_numel(p))
+            if end > start:
+                shard.narrow(0, 0, end - start).copy_(read(name, start, end))
 
 
 def full_tensors_one_per_rank(
