@@ -122,31 +122,44 @@ def time_supports(n: int, rounds: int) -> dict:
 
 
 class Sampler:
-    """The peak of the summed RSS of a process and all its descendants, sampled every 0.2 s."""
+    """The peaks of the summed RSS and PSS of a process and all its descendants, sampled every
+    0.5 s. RSS counts a page every process maps (the model's memory-mapped files, DeepSpeed's
+    shared-memory buffers) once per process; PSS shares it among them, so the summed PSS is
+    the memory all ranks hold together."""
 
     def __init__(self, pid: int):
-        self.root, self.peak, self.stop = psutil.Process(pid), 0, threading.Event()
+        self.root, self.peak, self.peak_pss, self.stop = psutil.Process(pid), 0, 0, threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
     def run(self):
         while not self.stop.is_set():
-            total = 0
+            rss = pss = 0
             try:
                 for p in [self.root, *self.root.children(recursive=True)]:
                     try:
-                        total += p.memory_info().rss
+                        m = p.memory_full_info()
+                        rss, pss = rss + m.rss, pss + m.pss
                     except psutil.Error:
                         pass
             except psutil.Error:
                 pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.2)
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            time.sleep(0.5)
 
-    def finish(self) -> float:
+    def finish(self) -> tuple[float, float]:
+        """(peak summed RSS, peak summed PSS) in GiB."""
         self.stop.set()
         self.thread.join()
-        return self.peak / 2**30
+        return self.peak / 2**30, self.peak_pss / 2**30
+
+
+def imports_rss() -> float:
+    """GiB a rank holds before any model: the RSS of a process that imported what a launcher does."""
+    code = ("import deepspeed, psutil, torch, transformers, dsee_scale.training.trainer\n"
+            "print(psutil.Process().memory_info().rss)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 2**30
 
 
 def du(path: Path) -> int:
@@ -231,13 +244,14 @@ def main() -> None:
         p = subprocess.Popen(cmd, cwd=ROOT, env=env)
         s = Sampler(p.pid)
         rc = p.wait()
-        peak = s.finish()
+        peak, peak_pss = s.finish()
         if rc != 0:
             sys.exit(f"error: {' '.join(cmd[-6:])} exited {rc}")
         if sync:
             os.sync()
         seconds = time.perf_counter() - t0
-        return {"seconds": seconds, "peak_rss_gib_all_processes": peak, "bytes_written": du(out)}
+        return {"seconds": seconds, "peak_rss_gib_all_processes": peak,
+                "peak_pss_gib_all_processes": peak_pss, "bytes_written": du(out)}  # fmt: skip
 
     def phase(key: str, fn) -> None:
         if key in done or key not in args.phases.split(","):
@@ -278,8 +292,11 @@ def main() -> None:
     if info:
         shard = info["bytes_bf16"] / args.ranks
         layer = 2 * info["largest_layer_params"]
-        bound = {"shard_gib": shard / 2**30, "largest_layer_gib": layer / 2**30,
-                 "ranks_x_shard_plus_layer_gib": args.ranks * (shard + layer) / 2**30}  # fmt: skip
+        imports = imports_rss()
+        bound = {"shard_gib": shard / 2**30, "largest_layer_gib": layer / 2**30, "imports_rss_gib": imports,
+                 "ranks_x_shard_plus_layer_gib": args.ranks * (shard + layer) / 2**30,
+                 "ranks_x_shard_layer_imports_gib": args.ranks * ((shard + layer) / 2**30 + imports),
+                 }  # fmt: skip
     result = {"shape": {args.shape: shape}, "ranks": args.ranks, "deepspeed": args.deepspeed,
               "phases": done, "memory_bound": bound,
               "target_peak_rss_gib_all_ranks": 20}  # fmt: skip
