@@ -186,8 +186,11 @@ def test_streamed_global_threshold_split_over_ranks_equals_one_rank():
     world, slots, barrier = 2, {}, threading.Barrier(2)
     calls: dict[int, list[int]] = {0: [], 1: []}
 
+    sent = []
+
     def gather_for(rank):
         def gather(x):
+            sent.append(x)
             barrier.wait()
             slots[rank] = x
             barrier.wait()
@@ -212,6 +215,8 @@ def test_streamed_global_threshold_split_over_ranks_equals_one_rank():
         t.start()
     for t in threads:
         t.join()
+    # only histograms and counts travel, never masks: each rank computes any block's masks itself
+    assert not any(isinstance(v, dict) for x in sent if isinstance(x, dict) for v in x.values()), sent
     want = U.masks({f"{i}/{k}": v for i, b in enumerate(blocks) for k, v in b.items()}, 0.45, "global")
     for rank in range(world):
         assert set(calls[rank]) == set(range(rank, len(blocks), world))  # only its own blocks

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypedDict
@@ -58,7 +59,7 @@ class CalibrationStats(TypedDict):
     blocks: dict[int, BlockStats]
 
 
-Masks = dict[int, dict[str, torch.Tensor]]  # block -> projection (relative name) -> keep-mask
+Masks = Mapping[int, dict[str, torch.Tensor]]  # block -> projection (relative name) -> keep-mask
 
 
 def prune_and_retune(exp: ExperimentConfig, from_dir: str | None, resume: bool = False) -> dict:
@@ -255,7 +256,7 @@ def sparsegpt_blocks(
 
     nm = parse_nm(pc.nm) if pc.nm is not None else None
     walk = BlockWalk(cm, [batches[j] for j in comm.my_share(len(batches))])  # each rank: its batches
-    keep: Masks = {}
+    keep: dict[int, dict[str, torch.Tensor]] = {}
     weights: dict[int, dict[str, torch.Tensor]] = {}
     for i in range(cm.dims.layers):
         b = cm.block(i, merged=pc.recovery is not None).eval()  # recovery: prune the merged W
@@ -412,10 +413,10 @@ def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationS
         norms = None if stats is None else {k: v.sqrt() for k, v in stats["blocks"][i]["sq"].items()}
         return U.scores(U.prunable(cm.block(i, merged), pc.targets or ["*"]), pc.score, norms)
 
-    mine = comm.my_share(cm.dims.layers)  # each rank scores its share of the blocks
-    if pc.nm is not None or pc.scope != "global":  # decided inside each matrix
+    if pc.nm is not None or pc.scope != "global":  # decided inside each matrix: any rank, any block
         nm = parse_nm(pc.nm) if pc.nm is not None else None
-        return comm.merged_over_ranks({i: U.masks(score_of_block(i), pc.ratio, pc.scope, nm) for i in mine})
+        return U.BlockMasks(cm.dims.layers, lambda i: U.masks(score_of_block(i), pc.ratio, pc.scope, nm))
+    mine = comm.my_share(cm.dims.layers)  # each rank scores its share of the blocks for the threshold
     return U.streamed_global_masks(score_of_block, cm.dims.layers, pc.ratio, mine, comm.all_gather_objects)
 
 
@@ -458,10 +459,15 @@ def decide(exp: ExperimentConfig, cm: CheckpointModel, pc: PruneConfig) -> Decis
             keep, weights = sparsegpt_blocks(cm, pc, calibration_batches(exp, cm, pc))
         else:
             keep = unstructured_masks(cm, pc, stats)
-        masks = [m for block in keep.values() for m in block.values()]
-        digests = {i: {k: hashlib.sha256(m.numpy().tobytes()).hexdigest() for k, m in d.items()}
-                   for i, d in keep.items()}  # fmt: skip
-        sparsity = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
+
+        def facts(i: int) -> tuple[dict[str, str], int, int]:  # digests, pruned, entries
+            d = keep[i]
+            return ({k: hashlib.sha256(m.numpy().tobytes()).hexdigest() for k, m in d.items()},
+                    sum(int((~m).sum()) for m in d.values()), sum(m.numel() for m in d.values()))  # fmt: skip
+
+        per_block = comm.merged_over_ranks({i: facts(i) for i in comm.my_share(cm.dims.layers)})
+        digests = {i: per_block[i][0] for i in sorted(per_block)}
+        sparsity = sum(f[1] for f in per_block.values()) / sum(f[2] for f in per_block.values())
         return Decision(None, keep, cm.config, {"decision": digests, "weight_sparsity": sparsity}, weights)
     H, KV, hd, inter, _, _ = cm.dims
     if pc.channels_per_layer >= inter:

@@ -21,7 +21,7 @@ the real sparsity of the merged weights, and `mask_merged` prunes the merged wei
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -163,20 +163,46 @@ def masks(
     return out
 
 
+class BlockMasks(Mapping[int, dict[str, torch.Tensor]]):
+    """The keep-masks of every block, each computed when asked for, from the block's scores and
+    a rule every rank shares (a global threshold found once, or a per-matrix ratio / N:M), so no
+    rank holds or receives more than one block's masks (every mask of a 7B model is 6.5 GB of
+    bools, per rank). The last block's masks are kept for the next ask."""
+
+    def __init__(self, blocks: int, of_block: Callable[[int], dict[str, torch.Tensor]]):
+        self.blocks, self.of_block = blocks, of_block
+        self._last: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.blocks:
+            raise KeyError(i)
+        if self._last is None or self._last[0] != i:
+            self._last = (i, self.of_block(i))
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.blocks))
+
+    def __len__(self) -> int:
+        return self.blocks
+
+
 def streamed_global_masks(
     score_of_block: Callable[[int], dict[str, torch.Tensor]],
     blocks: int,
     ratio: float,
     mine: list[int] | None = None,
     gather: Callable[[Any], list[Any]] | None = None,
-) -> dict[int, dict[str, torch.Tensor]]:
+) -> BlockMasks:
     """masks(all scores, ratio, "global") without ever holding more than one block's scores:
     the k-th lowest score is found from two histograms of the float32 bit patterns (non-negative
     floats order as their bits do): the high 16 bits, then the low 16 bits inside the bin that
     holds the k-th; entries equal to it are pruned in the global order, as a stable sort would.
-    `score_of_block(i)` is called four times per block (scores are recomputed, not kept).
+    `score_of_block(i)` is called three times per block to find the threshold (scores are
+    recomputed, not kept), and once more when block i's masks are asked for (BlockMasks).
     Split over ranks: each rank scores only the blocks in `mine`, and `gather(x)` returns every
-    rank's x (histograms are summed, tie counts and masks exchanged); every rank gets all masks."""
+    rank's x (histograms are summed, tie counts exchanged); then any rank can compute any block's
+    masks, and no masks travel."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"sparsity ratio {ratio}: must be in [0, 1)")
     mine = list(range(blocks)) if mine is None else mine
@@ -217,16 +243,18 @@ def streamed_global_masks(
     before, seen = {}, 0
     for key in order:  # how many of the pruned ties earlier matrices take
         before[key], seen = seen, seen + equal[key]
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    mine_out: dict[int, dict[str, torch.Tensor]] = {}
-    for i, name, sc, b in each_mine():
-        keep = b > value
-        eq = (b == value).nonzero().squeeze(1)
-        keep[eq[max(0, ties - before[(i, name)]) :]] = True  # the first `ties` equal entries are pruned
-        mine_out.setdefault(i, {})[name] = keep.view(sc.shape)
-    for part in gather(mine_out):
-        out.update(part)
-    return {i: out[i] for i in range(blocks)}
+
+    def keep_of(i: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, sc in score_of_block(i).items():
+            b = bits_of(sc)
+            keep = b > value
+            eq = (b == value).nonzero().squeeze(1)
+            keep[eq[max(0, ties - before[(i, name)]) :]] = True  # the first `ties` equal entries are pruned
+            out[name] = keep.view(sc.shape)
+        return out
+
+    return BlockMasks(blocks, keep_of)
 
 
 def _keep_top(s: torch.Tensor, ratio: float) -> torch.Tensor:
