@@ -407,16 +407,25 @@ def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationS
     blocks, one block at a time; a global threshold is found from streamed histograms summed
     over the ranks (never all scores at once); every rank gets every mask."""
 
+    from ..training.monitor import progress_bar
+
     merged = pc.recovery is not None and pc.score in ("magnitude", "wanda")  # scores of the merged W
+    mine = comm.my_share(cm.dims.layers)  # each rank scores its share of the blocks for the threshold
+    bar = progress_bar(f"{pc.score} scores, 3 passes", comm.rank_and_world()[0] == 0, unit="block")
+    scored = 0
 
     def score_of_block(i: int) -> dict[str, torch.Tensor]:
+        nonlocal scored
         norms = None if stats is None else {k: v.sqrt() for k, v in stats["blocks"][i]["sq"].items()}
-        return U.scores(U.prunable(cm.block(i, merged), pc.targets or ["*"]), pc.score, norms)
+        out = U.scores(U.prunable(cm.block(i, merged), pc.targets or ["*"]), pc.score, norms)
+        scored += 1
+        if bar is not None and scored <= 3 * len(mine):
+            bar(scored, 3 * len(mine))
+        return out
 
     if pc.nm is not None or pc.scope != "global":  # decided inside each matrix: any rank, any block
         nm = parse_nm(pc.nm) if pc.nm is not None else None
         return U.BlockMasks(cm.dims.layers, lambda i: U.masks(score_of_block(i), pc.ratio, pc.scope, nm))
-    mine = comm.my_share(cm.dims.layers)  # each rank scores its share of the blocks for the threshold
     return U.streamed_global_masks(score_of_block, cm.dims.layers, pc.ratio, mine, comm.all_gather_objects)
 
 
@@ -541,27 +550,30 @@ def build_pruned(
     adapters of exp.dsee whose supports are chosen from the pruned weights."""
     from ..adapters.inject import resolve_targets
     from ..training.engine import build_model
+    from ..training.monitor import progress_bar
     from ..zero import copy_full_into
 
     model = build_model(exp, ds)  # random init from the pruned config, partitioned
     supports: dict[str, torch.Tensor] = {}
     if not fresh:
+        cut_only = replace(decision, keep=None, weights=None)  # masks leave the supports alone
         for i in range(cm.dims.layers):  # supports first: inject needs all of them
-            b = pruned_block(cm, i, pc, decision)
+            b = pruned_block(cm, i, pc, cut_only)
             supports.update({cm.arch.block_prefix(i) + k: v for k, v in supports_of(b).items()})
             del b
         inject(model, exp.dsee, supports)
+    bar = progress_bar("pruned blocks into the model", rank == 0, unit="block")
     for i in range(cm.dims.layers):
         b = pruned_block(cm, i, pc, decision, merged=fresh)
         for rel, t in b.state_dict().items():
             copy_full_into(model, cm.arch.block_prefix(i) + rel, t, rank)
         del b
+        if bar is not None:
+            bar(i + 1, cm.dims.layers)
     for name, _ in model.named_parameters():  # embeddings, final norm, (untied) lm_head
         if cm.arch.block_index(name) is None:
             copy_full_into(model, name, cm.ck.tensor(name), rank)
     if fresh:  # new adapters on the pruned weights, supports spread over ranks
-        from ..training.monitor import progress_bar
-
         bar = progress_bar(f"recovery supports ({exp.dsee.support})", rank == 0)
         supports = choose_supports(model, resolve_targets(model, exp.dsee), exp.dsee, bar)
         inject(model, exp.dsee, supports)

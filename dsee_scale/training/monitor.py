@@ -89,7 +89,7 @@ def memory_scalars() -> dict[str, float]:
     return out
 
 
-def progress_bar(desc: str, shown: bool) -> Callable[[int, int], None] | None:
+def progress_bar(desc: str, shown: bool, unit: str = "matrix") -> Callable[[int, int], None] | None:
     """A (done, total) progress callback drawing a tqdm bar (where `shown`: rank 0), else None."""
     if not shown:
         return None
@@ -99,7 +99,7 @@ def progress_bar(desc: str, shown: bool) -> Callable[[int, int], None] | None:
 
     def update(done: int, total: int) -> None:
         nonlocal bar
-        bar = bar or tqdm(total=total, desc=desc, unit="matrix")
+        bar = bar or tqdm(total=total, desc=desc, unit=unit)
         bar.update(done - bar.n)
         if done == total:
             bar.close()
