@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MATRICES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+BASELINES = ("plain_copy", "deepspeed_zero_to_fp32")  # measured beside scale_7b's export
+
+
 def provenance(res: dict) -> str:
     e = res.get("environment", {})
     return (
@@ -629,6 +632,44 @@ class Report:
                 self.add("\nNot run: " + "; ".join(sorted(skipped)) + ".")
             self.add(f"\n*{provenance(r)}*")
 
+    def scale_7b(self) -> None:
+        """bench/scale_7b.py: a LLaMA-2-7B-shaped model through every stage on 2 ranks."""
+        self.add("## A LLaMA-2-7B-shaped model through every stage (bench/scale_7b.py)")
+        r = self.data.get("scale_7b")
+        if not r or "train" not in r.get("phases", {}):
+            self.add("Not run yet (`python bench/scale_7b.py`: ~1 h and the machine alone).")
+            return
+        b = r.get("memory_bound") or {}
+        bound = (
+            f"ranks x (partition {b.get('shard_gib', 0):.2f} GiB + largest block "
+            f"{b.get('largest_layer_gib', 0):.2f} GiB + imports {b.get('imports_rss_gib', 0):.2f} GiB) "
+            f"= {b.get('ranks_x_shard_layer_imports_gib', 0):.2f} GiB"
+        )
+        self.add(
+            f"{r['ranks']} ranks, `{r['deepspeed']}`, bf16. The issue's bound for all ranks together: "
+            f"{bound}; target < {r['target_peak_rss_gib_all_ranks']} GiB. RSS counts the pages both "
+            "ranks map (model files, shared-memory buffers) twice; PSS once.\n"
+        )
+        rows = []
+        for name, ph in r["phases"].items():
+            if name == "support":
+                times = (
+                    f"{ph['grebsmo_seconds']:.1f} / {ph['svd_seconds']:.1f} / {ph['magnitude_seconds']:.1f}"
+                )
+                rows.append(
+                    [f"support: GreBsmo / SVD / magnitude, one {ph['matrix']} matrix", times, "", "", ""]
+                )
+                continue
+            for label, q in [(name, ph)] + [(f"{name} baseline: {k}", ph[k]) for k in BASELINES if k in ph]:
+                rows.append([label, q["seconds"], q.get("peak_rss_gib_all_processes", ""),
+                             q.get("peak_pss_gib_all_processes", ""),
+                             (q.get("bytes") or q["bytes_written"]) / 1e9])  # fmt: skip
+        self.add(table(["phase", "seconds", "peak RSS GiB, all", "peak PSS GiB, all", "GB written"], rows))
+        ratio = r["phases"].get("export", {}).get("export_over_plain_copy_speed")
+        if ratio is not None:
+            self.add(f"\nExport speed / plain-copy speed: {ratio:.2f} (target >= 0.5).")
+        self.add(f"\n*{provenance(r)}*")
+
     def write(self) -> Path:
         head = [
             "# dsee-scale benchmark report",
@@ -646,6 +687,7 @@ class Report:
         self.frontier()
         self.prune_recovery()
         self.sparsity_speed()
+        self.scale_7b()
         self.out.write_text("\n".join(head + self.parts) + "\n")
         print(f"wrote {self.out} and {len(list(self.plots.glob('*.png')))} plots in {self.plots}")
         return self.out

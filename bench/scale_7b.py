@@ -191,10 +191,12 @@ def export_beside_baselines(ckpt: Path, work: Path, measured) -> dict:
     script = ("import torch\nfrom deepspeed.utils import zero_to_fp32 as z\n"
               f"z.convert_zero_checkpoint_to_state_dict({str(ckpt)!r}, {str(z2f)!r}, dtype=torch.bfloat16, "
               "max_shard_size='2GB', safe_serialization=True)")  # fmt: skip
-    deepspeed = measured([sys.executable, "-c", script], z2f, sync=True)
-    shutil.rmtree(z2f)
+    # it loads every rank's frozen fragments whole (13.5 GB at 7B): it may not fit beside the rest
+    deepspeed = measured([sys.executable, "-c", script], z2f, sync=True, may_fail=True)
+    shutil.rmtree(z2f, ignore_errors=True)
     for r in (plain, ours, deepspeed):
-        r["bytes_per_second"] = (r.get("bytes") or r["bytes_written"]) / r["seconds"]
+        if r.get("exit_code", 0) == 0:
+            r["bytes_per_second"] = (r.get("bytes") or r["bytes_written"]) / r["seconds"]
     return {**ours, "plain_copy": plain, "deepspeed_zero_to_fp32": deepspeed,
             "export_over_plain_copy_speed": ours["bytes_per_second"] / plain["bytes_per_second"],
             "checkpoint_bytes": sum(f.stat().st_size for f in files)}  # fmt: skip
@@ -236,21 +238,22 @@ def main() -> None:
                f"output_dir={out}", *common, *extra]  # fmt: skip
         return measured(cmd, out)
 
-    def measured(cmd: list[str], out: Path, sync: bool = False) -> dict:
+    def measured(cmd: list[str], out: Path, sync: bool = False, may_fail: bool = False) -> dict:
         """Run cmd; its wall seconds (sync: including writing its files to disk), the peak
-        summed RSS of it and its children, and the bytes under out."""
+        summed RSS of it and its children, and the bytes under out (may_fail: a failure, e.g.
+        killed for memory, is recorded with its exit code instead of ending the bench)."""
         print(" ".join(cmd[-8:]), flush=True)
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=ROOT, env=env)
         s = Sampler(p.pid)
         rc = p.wait()
         peak, peak_pss = s.finish()
-        if rc != 0:
+        if rc != 0 and not may_fail:
             sys.exit(f"error: {' '.join(cmd[-6:])} exited {rc}")
         if sync:
             os.sync()
         seconds = time.perf_counter() - t0
-        return {"seconds": seconds, "peak_rss_gib_all_processes": peak,
+        return {"seconds": seconds, "peak_rss_gib_all_processes": peak, "exit_code": rc,
                 "peak_pss_gib_all_processes": peak_pss, "bytes_written": du(out)}  # fmt: skip
 
     def phase(key: str, fn) -> None:
