@@ -126,9 +126,12 @@ class BaseWeights:
 
         self.dtype = DTYPES[dtype]
         self.files = {}  # tensor name -> open file
+        self.paths: dict[str, Path] = {}  # tensor name -> its file
+        self.entries: dict[str, tuple[int, torch.dtype, list[int]]] = {}  # read on first use
         for f in sorted(_model_dir(mc, dtype).glob("*.safetensors")):
             h = safe_open(str(f), framework="pt")
             self.files.update(dict.fromkeys(h.keys(), h))
+            self.paths.update(dict.fromkeys(h.keys(), f))
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -141,18 +144,14 @@ class BaseWeights:
         return self.files[name].get_tensor(name).to(self.dtype)
 
     def flat_range(self, name: str, start: int, end: int) -> torch.Tensor:
-        """Elements [start, end) of the flattened tensor, in the run's dtype, reading only the
-        rows that hold them from the file (a ZeRO-3 rank's partition of a parameter)."""
-        sl = self.files[name].get_slice(name)
-        shape = sl.get_shape()
-        if len(shape) < 2:
-            return sl[:].reshape(-1)[start:end].to(self.dtype)
-        row = 1
-        for n in shape[1:]:
-            row *= n
-        first, last = start // row, -(-end // row)
-        rows = sl[first:last].reshape(-1)
-        return rows[start - first * row : end - first * row].to(self.dtype)
+        """Elements [start, end) of the flattened tensor, in the run's dtype (a ZeRO-3 rank's
+        partition of a parameter), read from exactly its bytes in the file without mapping it:
+        a rank that loads its partitions holds them, not the file pages it read."""
+        if name not in self.entries:
+            self.entries.update(fmt.safetensors_entries(self.paths[name]))
+        offset, dtype, _ = self.entries[name]
+        out = torch.empty(end - start, dtype=dtype)
+        return fmt.read_range(self.paths[name], offset + start * dtype.itemsize, out).to(self.dtype)
 
 
 def name_in(base: BaseWeights, param: str) -> str | None:

@@ -23,9 +23,11 @@ import hashlib
 import json
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict
 
+import torch
 import yaml
 
 from ..errors import UserError
@@ -196,3 +198,35 @@ def read_experiment(d: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{str(d)!r} has no {EXPERIMENT}: not a dsee-scale checkpoint")
     return yaml.safe_load(path.read_text())
+
+
+# -- safetensors files (the model's own format, read by the base and written by the exporter) ---
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                      torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+                      torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
+
+
+def safetensors_entries(path: Path) -> dict[str, tuple[int, torch.dtype, list[int]]]:
+    """{tensor: (its first byte in the file, dtype, shape)} from a safetensors file's header
+    (an 8-byte little-endian length, then JSON with each tensor's [begin, end) in the data)."""
+    by_code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: (8 + n + v["data_offsets"][0], by_code[v["dtype"]], v["shape"])
+            for k, v in header.items() if k != "__metadata__" and v["dtype"] in by_code}  # fmt: skip
+
+
+def read_range(path: Path, offset: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill `out` with the bytes of `path` from `offset` with plain reads (no memory map: the pages
+    stay in the page cache, not in this process's resident memory)."""
+    view = out.reshape(-1).view(torch.uint8).numpy().data
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise UserError(f"{str(path)!r} is shorter than its header says (truncated)")
+            done += got
+    return out

@@ -25,10 +25,9 @@ from typing import TypeVar
 
 import torch
 
-# the dtype names of the safetensors format for what a model holds
-DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-               torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
+from ..checkpoint.format import SAFETENSORS_DTYPES
+
+DTYPE_CODES = SAFETENSORS_DTYPES  # the dtype names of the safetensors format
 
 
 @dataclass(frozen=True)
