@@ -661,6 +661,8 @@ class Report:
                 )
                 continue
             for label, q in [(name, ph)] + [(f"{name} baseline: {k}", ph[k]) for k in BASELINES if k in ph]:
+                if q.get("exit_code"):
+                    label += f" (failed, exit code {q['exit_code']}: -9 is killed for memory)"
                 rows.append([label, q["seconds"], q.get("peak_rss_gib_all_processes", ""),
                              q.get("peak_pss_gib_all_processes", ""),
                              (q.get("bytes") or q["bytes_written"]) / 1e9])  # fmt: skip
