@@ -189,9 +189,12 @@ def load_into_partitions(mc, ds: dict):
         return None
     if load_config(src).model_type not in BY_MODEL_TYPE:
         return None
+    try:
+        base = BaseWeights(src, src.dtype)
+    except Exception:  # unreadable files (many error types): from_pretrained names them in one line
+        return None
     model = partitioned_skeleton(src)
     model.tie_weights()  # tied parameters are one parameter, read once
-    base = BaseWeights(src, src.dtype)
     names = {n: name_in(base, n) for n, _ in model.named_parameters()}
     if any(b is None or base.shape(b) != zero.full_shape(p) for (n, p), b in
            zip(model.named_parameters(), names.values())):  # fmt: skip
