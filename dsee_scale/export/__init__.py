@@ -293,9 +293,9 @@ def _write_merged(
     for entries, fname in zip(files, names):
         shards.write_file(tmp / fname, entries, pieces(len(entries)), {"format": "pt"})
         ck.release()  # let go of the pages read for this file
+    total = sum(e.nbytes for e in planned)
     if len(files) > 1:
         weight_map = {e.name: fname for entries, fname in zip(files, names) for e in entries}
-        total = sum(e.nbytes for e in planned)
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
@@ -313,7 +313,7 @@ def _write_merged(
     rounded = out_dtype != torch.float32
     return {
         "files": sorted(p.name for p in tmp.iterdir()),
-        "bytes": sum(e.nbytes for e in planned),
+        "bytes": total,
         "frozen_dtype": DTYPE_NAMES.get(frozen_dtype, str(frozen_dtype)),
         "trainable_dtype": "fp32",
         "written_dtype": DTYPE_NAMES.get(out_dtype, str(out_dtype)),

@@ -27,8 +27,6 @@ import torch
 
 from ..checkpoint.format import SAFETENSORS_DTYPES
 
-DTYPE_CODES = SAFETENSORS_DTYPES  # the dtype names of the safetensors format
-
 
 @dataclass(frozen=True)
 class Planned:
@@ -68,9 +66,9 @@ def header(entries: list[Planned], metadata: dict[str, str]) -> bytes:
     h: dict = {"__metadata__": metadata}
     offset = 0
     for e in entries:
-        if e.dtype not in DTYPE_CODES:
+        if e.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{e.name}: safetensors has no code for {e.dtype}")
-        h[e.name] = {"dtype": DTYPE_CODES[e.dtype], "shape": list(e.shape),
+        h[e.name] = {"dtype": SAFETENSORS_DTYPES[e.dtype], "shape": list(e.shape),
                      "data_offsets": [offset, offset + e.nbytes]}  # fmt: skip
         offset += e.nbytes
     raw = json.dumps(h, separators=(",", ":")).encode()

@@ -405,13 +405,16 @@ def structured_plan(
 def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationStats | None = None) -> Masks:
     """Keep-masks per block (names relative to the block). Each rank scores its share of the
     blocks, one block at a time; a global threshold is found from streamed histograms summed
-    over the ranks (never all scores at once); every rank gets every mask."""
+    over the ranks (never all scores at once). The masks themselves are never exchanged: any
+    rank computes any block's masks from the shared rule when it asks for them (BlockMasks)."""
 
     from ..training.monitor import progress_bar
 
     merged = pc.recovery is not None and pc.score in ("magnitude", "wanda")  # scores of the merged W
     mine = comm.my_share(cm.dims.layers)  # each rank scores its share of the blocks for the threshold
-    bar = progress_bar(f"{pc.score} scores, 3 passes", comm.rank_and_world()[0] == 0, unit="block")
+    streamed = pc.nm is None and pc.scope == "global"  # else decided inside each matrix
+    shown = streamed and comm.rank_and_world()[0] == 0
+    bar = progress_bar(f"{pc.score} scores, 3 passes", shown, unit="block")
     scored = 0
 
     def score_of_block(i: int) -> dict[str, torch.Tensor]:
@@ -423,7 +426,7 @@ def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationS
             bar(scored, 3 * len(mine))
         return out
 
-    if pc.nm is not None or pc.scope != "global":  # decided inside each matrix: any rank, any block
+    if not streamed:  # any rank computes any block's masks on its own
         nm = parse_nm(pc.nm) if pc.nm is not None else None
         return U.BlockMasks(cm.dims.layers, lambda i: U.masks(score_of_block(i), pc.ratio, pc.scope, nm))
     return U.streamed_global_masks(score_of_block, cm.dims.layers, pc.ratio, mine, comm.all_gather_objects)
