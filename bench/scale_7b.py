@@ -2,6 +2,7 @@
 
     python bench/scale_7b.py [--ranks 2] [--deepspeed ds_configs/zero3_offload_nvme.json]
     python bench/scale_7b.py --shape tiny       # the same phases on a 2-layer model (minutes)
+    python bench/scale_7b.py --phases train --max-live 2e8   # an engine variant, recorded apart
 
 Phases, each a real launcher run on --ranks processes (ZeRO-3, bf16, gradient checkpointing,
 DSEE r=8 N=64 on q,v with magnitude supports: GreBsmo is timed apart, see `support`):
@@ -210,10 +211,20 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "dsee_scale" / "scale_7b"))
     ap.add_argument("--grebsmo-rounds", type=int, default=100)
     ap.add_argument("--phases", default="base,support,train,resume,structured,unstructured,export")
+    ap.add_argument("--max-live", type=float, default=None,
+                    help="the engine's stage3_max_live_parameters for these phases (recorded as "
+                         "<phase>_max_live_<N>, in their own output directories)")  # fmt: skip
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     work = Path(args.work) / args.shape
     work.mkdir(parents=True, exist_ok=True)
+    suffix = ""
+    if args.max_live is not None:  # a variant of the engine config, beside the default's phases
+        suffix = f"_max_live_{args.max_live:g}"
+        ds = json.loads((ROOT / args.deepspeed).read_text())
+        ds["zero_optimization"]["stage3_max_live_parameters"] = args.max_live
+        args.deepspeed = str(work / f"zero3{suffix}.json")
+        Path(args.deepspeed).write_text(json.dumps(ds, indent=1))
     name = "scale_7b" + ("" if args.shape == "llama-2-7b" else f"_{args.shape}")
     results_path = work / "phases.json"  # phases done so far (a rerun skips them)
     done: dict = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -257,8 +268,9 @@ def main() -> None:
                 "peak_pss_gib_all_processes": peak_pss, "bytes_written": du(out)}  # fmt: skip
 
     def phase(key: str, fn) -> None:
-        if key in done or key not in args.phases.split(","):
+        if key + suffix in done or key not in args.phases.split(","):
             return
+        key += suffix
         print(f"== {key}", flush=True)
         done[key] = fn()
         results_path.write_text(json.dumps(done, indent=1))
@@ -272,7 +284,7 @@ def main() -> None:
 
     phase("base", make_base)
     phase("support", lambda: time_supports(h, args.grebsmo_rounds))
-    tuned = work / "tuned"
+    tuned = work / ("tuned" + suffix)
     phase("train", lambda: launch("train.py", tuned, "train.max_steps=3", "checkpoint.every=3"))
     resume = ("train.max_steps=4", "checkpoint.every=4")
     phase("resume", lambda: launch("train.py", tuned, *resume, flags=("--resume",)))

@@ -119,14 +119,15 @@ def load_model(cfg: ModelConfig):
 
 
 def partitioned_skeleton(cfg: ModelConfig):
-    """The model of cfg's directory built under ZeRO-3's zero.Init with no weights read and none
-    initialised (each rank's partitions are empty until filled): what `from_pretrained` builds
-    before it loads, made by the same init contexts. `engine.build_model` fills it."""
+    """The model of cfg's directory (or of cfg.config) built under ZeRO-3's zero.Init with no
+    weights read and none initialised (each rank's partitions are empty until filled): what
+    `from_pretrained` builds before it loads, made by the same init contexts. Filled by
+    `engine.build_model`, or by a pruned build (pruning.run.build_pruned)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     from transformers.utils.generic import ContextManagers
 
-    config = AutoConfig.from_pretrained(str(cfg.path))
+    config = AutoConfig.from_pretrained(str(cfg.path)) if cfg.config is None else build_config(cfg)
     model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     with ContextManagers(model_class.get_init_context(DTYPES[cfg.dtype], False, False, None)):
         model = model_class(config)

@@ -474,3 +474,30 @@ def test_recovery_on_every_linear_with_distillation_on_two_ranks(tuned):
         torch.testing.assert_close(
             loaded(ids).logits, rebuilt(out / "checkpoints")(ids).logits, rtol=1e-4, atol=1e-4
         )
+
+
+@pytest.mark.parametrize("kind", ["structured", "recovery"])
+def test_pruned_build_splits_blocks_over_ranks(tuned, kind):
+    """Building the pruned model (issue #15): on 2 ranks block i is read and cut by rank i mod 2
+    alone (twice with the tuned update kept: once for its supports, once for its weights), and
+    the model every rank holds equals the 1-rank build, parameter by parameter and buffer by
+    buffer (the sparse indices too)."""
+    cfg, ckpt, _ = tuned["gpt2" if kind == "structured" else "llama"]
+    args = {
+        "structured": ["prune.heads_per_layer=1", "prune.channels_per_layer=16"],
+        "recovery": ["prune.kind=unstructured", "prune.ratio=0.5", "prune.scope=row", "prune.recovery.r=2",
+                     "prune.recovery.num_sparse=8", "prune.recovery.target_modules=[q_proj,down_proj]"],
+    }[kind]  # fmt: skip
+    reports = []
+    for nproc in (1, 2):
+        r = check(launch(ROOT / "tests" / "pruned_build_worker.py", nproc, "--from", str(ckpt), *args,
+                         config_path=cfg))  # fmt: skip
+        reports.append(json.loads(r.stdout.split("REPORT ", 1)[1].splitlines()[0]))
+    one, two = reports
+    assert (one["world"], two["world"]) == (1, 2)
+    assert one["digest"] == two["digest"]
+    layers = 2
+    times = 2 if kind == "structured" else 1
+    assert sorted(one["built"][0]) == sorted(list(range(layers)) * times)
+    for rank, built in enumerate(two["built"]):
+        assert sorted(built) == sorted([i for i in range(layers) if i % 2 == rank] * times)

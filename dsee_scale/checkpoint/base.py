@@ -17,6 +17,7 @@ file named) and read the frozen tensors from them, memory-mapped, one tensor at 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, TypedDict, cast
@@ -119,7 +120,9 @@ def _model_dir(mc: ModelConfig, dtype: str) -> Path:
 
 
 class BaseWeights:
-    """The base's tensors by name, memory-mapped from its safetensors files."""
+    """The base's tensors by name, read from their safetensors files with plain reads at the
+    header's offsets (no memory map: a process that read the whole base does not keep its pages
+    resident). safetensors opens each file once to check it and list its tensors."""
 
     def __init__(self, mc: ModelConfig, dtype: str):
         from safetensors import safe_open
@@ -139,17 +142,27 @@ class BaseWeights:
     def shape(self, name: str) -> torch.Size:
         return torch.Size(self.files[name].get_slice(name).get_shape())
 
+    def _entry(self, name: str) -> tuple[int, torch.dtype, list[int]] | None:
+        if name not in self.entries:
+            self.entries.update(fmt.safetensors_entries(self.paths[name]))
+        return self.entries.get(name)  # None: a dtype outside format.SAFETENSORS_DTYPES
+
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor as the run held it (loaded in the run's dtype, as from_pretrained does)."""
-        return self.files[name].get_tensor(name).to(self.dtype)
+        entry = self._entry(name)
+        if entry is None:
+            return self.files[name].get_tensor(name).to(self.dtype)
+        shape = entry[2]
+        return self.flat_range(name, 0, math.prod(shape)).reshape(shape)
 
     def flat_range(self, name: str, start: int, end: int) -> torch.Tensor:
         """Elements [start, end) of the flattened tensor, in the run's dtype (a ZeRO-3 rank's
         partition of a parameter), read from exactly its bytes in the file without mapping it:
         a rank that loads its partitions holds them, not the file pages it read."""
-        if name not in self.entries:
-            self.entries.update(fmt.safetensors_entries(self.paths[name]))
-        offset, dtype, _ = self.entries[name]
+        entry = self._entry(name)
+        if entry is None:
+            return self.files[name].get_tensor(name).reshape(-1)[start:end].to(self.dtype)
+        offset, dtype, _ = entry
         out = torch.empty(end - start, dtype=dtype)
         return fmt.read_range(self.paths[name], offset + start * dtype.itemsize, out).to(self.dtype)
 

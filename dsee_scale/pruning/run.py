@@ -20,6 +20,7 @@ rebuild, re-tune.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -550,34 +551,57 @@ def build_pruned(
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The pruned DSEE model, partitioned under ZeRO-3, with the kept weights copied in: the
     tuned updates cut alike, or (fresh, prune.recovery) W + update merged and pruned, with new
-    adapters of exp.dsee whose supports are chosen from the pruned weights."""
+    adapters of exp.dsee whose supports are chosen from the pruned weights.
+
+    The work is split over ranks: block i is read, cut and written by rank i mod W alone (the
+    others receive its tensors in copy_full_into's broadcast), and the model is built with
+    nothing initialised, since every parameter is written here."""
     from ..adapters.inject import resolve_targets
-    from ..training.engine import build_model
+    from ..training.engine import blank_model
     from ..training.monitor import progress_bar
     from ..zero import copy_full_into
 
-    model = build_model(exp, ds)  # random init from the pruned config, partitioned
+    world = comm.rank_and_world()[1]
+    model = blank_model(exp, ds)
     supports: dict[str, torch.Tensor] = {}
     if not fresh:
         cut_only = replace(decision, keep=None, weights=None)  # masks leave the supports alone
-        for i in range(cm.dims.layers):  # supports first: inject needs all of them
+        mine = {}
+        for i in comm.my_share(cm.dims.layers):  # supports first: inject needs all of them
             b = pruned_block(cm, i, pc, cut_only)
-            supports.update({cm.arch.block_prefix(i) + k: v for k, v in supports_of(b).items()})
+            mine.update({cm.arch.block_prefix(i) + k: v for k, v in supports_of(b).items()})
             del b
+        supports = comm.merged_over_ranks(mine) if world > 1 else mine
         inject(model, exp.dsee, supports)
     bar = progress_bar("pruned blocks into the model", rank == 0, unit="block")
     for i in range(cm.dims.layers):
-        b = pruned_block(cm, i, pc, decision, merged=fresh)
-        for rel, t in b.state_dict().items():
-            copy_full_into(model, cm.arch.block_prefix(i) + rel, t, rank)
-        del b
+        state: dict[str, torch.Tensor] = {}
+
+        def tensor(rel: str, i: int = i, state: dict = state) -> torch.Tensor:
+            if not state:  # read and cut on the first tensor this rank writes
+                state.update(pruned_block(cm, i, pc, decision, merged=fresh).state_dict())
+            return state[rel]
+
+        rels = [k for k, _ in _block_entries(model, cm.arch.block_prefix(i))]
+        for rel in rels:
+            copy_full_into(model, cm.arch.block_prefix(i) + rel, functools.partial(tensor, rel), rank,
+                           writer=i % world)  # fmt: skip
+        state.clear()
         if bar is not None:
             bar(i + 1, cm.dims.layers)
-    for name, _ in model.named_parameters():  # embeddings, final norm, (untied) lm_head
-        if cm.arch.block_index(name) is None:
-            copy_full_into(model, name, cm.ck.tensor(name), rank)
+    outside = [n for n, _ in model.named_parameters() if cm.arch.block_index(n) is None]
+    for j, name in enumerate(outside):  # embeddings, final norm, (untied) lm_head
+        copy_full_into(model, name, functools.partial(cm.ck.tensor, name), rank, writer=j % world)
     if fresh:  # new adapters on the pruned weights, supports spread over ranks
         bar = progress_bar(f"recovery supports ({exp.dsee.support})", rank == 0)
         supports = choose_supports(model, resolve_targets(model, exp.dsee), exp.dsee, bar)
         inject(model, exp.dsee, supports)
     return model, supports
+
+
+def _block_entries(model: torch.nn.Module, prefix: str) -> list[tuple[str, torch.Tensor]]:
+    """(name relative to the block, tensor) of the block's parameters and persistent buffers,
+    in state_dict order, as every rank's model lists them (the order copy_full_into's
+    collectives follow)."""
+    block = model.get_submodule(prefix.rstrip("."))
+    return list(block.state_dict(keep_vars=True).items())

@@ -170,6 +170,22 @@ def build_model(exp: ExperimentConfig, ds: dict):
     return load_model(mc)
 
 
+def blank_model(exp: ExperimentConfig, ds: dict):
+    """The model of exp.model.config for a caller that writes every parameter itself (a pruned
+    build): under ZeRO-3 partitioned with nothing initialised (initialising a 7B model under
+    zero.Init costs minutes); otherwise built as build_model builds it."""
+    from ..models import partitioned_skeleton
+
+    if zero_stage(ds) != 3 or exp.model.config is None:
+        return build_model(exp, ds)
+    zero.partitioned_loading(copy.deepcopy(ds))
+    mc = copy.copy(exp.model)
+    mc.dtype = frozen_dtype(exp)
+    model = partitioned_skeleton(mc)
+    model.tie_weights()
+    return model  # in training mode, as from_config builds it
+
+
 def load_into_partitions(mc, ds: dict):
     """A model directory's weights under ZeRO-3, each rank reading only its own partition of
     every parameter from the safetensors files (memory-mapped rows), with no gather and no

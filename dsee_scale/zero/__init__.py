@@ -141,17 +141,20 @@ def copy_full_into(
     model: nn.Module, name: str, src: torch.Tensor | Callable[[], torch.Tensor], rank: int, writer: int = 0
 ) -> None:
     """Write the full tensor `src` into parameter / buffer `name` (partitioned or not): gathered
-    alone, written by rank `writer` (broadcast to the others), re-partitioned on exit. `src` may
-    be a function: then only the ranks that write call it (reads spread over ranks by `writer`)."""
+    alone, written by rank `writer` and broadcast to the others (a partitioned parameter is
+    re-partitioned on exit). `src` may be a function: only the writer calls it, so reads can be
+    spread over ranks by `writer`. Every rank calls this for the same names in the same order."""
     target: torch.Tensor
     try:
         target = model.get_parameter(name)
     except AttributeError:
         target = model.get_buffer(name)
     with torch.no_grad(), gathered([target], modifier_rank=writer):
-        if rank == writer or not is_partitioned(target):
+        if rank == writer:
             if callable(src):
                 src = src()
             if tuple(target.shape) != tuple(src.shape):
                 raise RuntimeError(f"{name}: source shape {tuple(src.shape)} != model {tuple(target.shape)}")
             target.copy_(src.to(target.device, target.dtype))
+        if not is_partitioned(target):  # a buffer, or a model outside ZeRO-3
+            comm.broadcast_into(target, writer)

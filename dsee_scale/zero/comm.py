@@ -93,6 +93,16 @@ def mean_over_ranks(value: float) -> float:
     return float(sum_over_ranks([value])[0]) / rank_and_world()[1]
 
 
+def broadcast_into(t: torch.Tensor, src: int) -> None:
+    """Overwrite t on every rank with rank src's t (in place, any device)."""
+    if rank_and_world()[1] == 1:
+        return
+    buf = t.detach().to(device())
+    dist.broadcast(buf, src)
+    if buf.data_ptr() != t.data_ptr():
+        t.detach().copy_(buf)
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """[obj of rank 0, obj of rank 1, ...] (picklable objects; a list of one outside a group)."""
     world = rank_and_world()[1]
