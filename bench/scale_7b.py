@@ -223,8 +223,9 @@ def main() -> None:
         suffix = f"_max_live_{args.max_live:g}"
         ds = json.loads((ROOT / args.deepspeed).read_text())
         ds["zero_optimization"]["stage3_max_live_parameters"] = args.max_live
-        args.deepspeed = str(work / f"zero3{suffix}.json")
-        Path(args.deepspeed).write_text(json.dumps(ds, indent=1))
+        variant = work / f"zero3{suffix}.json"
+        variant.write_text(json.dumps(ds, indent=1))
+    engine_config = str(variant) if suffix else args.deepspeed
     name = "scale_7b" + ("" if args.shape == "llama-2-7b" else f"_{args.shape}")
     results_path = work / "phases.json"  # phases done so far (a rerun skips them)
     done: dict = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -239,7 +240,7 @@ def main() -> None:
         "train.batch_size=" + str(args.ranks), "train.micro_batch_size=1", "train.lr=1e-4",
         "train.precision=bf16", "train.gradient_checkpointing=true", "train.histogram_every=1000",
         "train.warmup_steps=0", "eval.every=1000000", "eval.batch_size=1", "checkpoint.keep_last=1",
-        f"deepspeed={args.deepspeed}", f"nvme_path={work / 'nvme'}",
+        f"deepspeed={engine_config}", f"nvme_path={work / 'nvme'}",
     ]  # fmt: skip
 
     def launch(script: str, out: Path, *extra: str, flags: tuple[str, ...] = ()) -> dict:
@@ -273,6 +274,8 @@ def main() -> None:
         key += suffix
         print(f"== {key}", flush=True)
         done[key] = fn()
+        if args.max_live is not None:
+            done[key]["stage3_max_live_parameters"] = args.max_live
         results_path.write_text(json.dumps(done, indent=1))
         print(json.dumps(done[key]), flush=True)
 
