@@ -248,7 +248,11 @@ def main() -> None:
                "--master_port", "29791", str(ROOT / "launchers" / script),
                "--config", str(ROOT / "configs" / "scale-7b.yaml"), *flags,
                f"output_dir={out}", *common, *extra]  # fmt: skip
-        return measured(cmd, out)
+        result = measured(cmd, out)
+        summary = out / "summary.json"  # the run's own ru_maxrss of each rank
+        if summary.is_file():
+            result["peak_rss_mib_per_rank"] = json.loads(summary.read_text()).get("peak_rss_mb_per_rank")
+        return result
 
     def measured(cmd: list[str], out: Path, sync: bool = False, may_fail: bool = False) -> dict:
         """Run cmd; its wall seconds (sync: including writing its files to disk), the peak
@@ -269,12 +273,14 @@ def main() -> None:
                 "peak_pss_gib_all_processes": peak_pss, "bytes_written": du(out)}  # fmt: skip
 
     def phase(key: str, fn) -> None:
-        if key + suffix in done or key not in args.phases.split(","):
+        engine_phase = key not in ("base", "support")  # the others do not run the engine
+        if engine_phase:
+            key += suffix
+        if key in done or key.removesuffix(suffix) not in args.phases.split(","):
             return
-        key += suffix
         print(f"== {key}", flush=True)
         done[key] = fn()
-        if args.max_live is not None:
+        if engine_phase and args.max_live is not None:
             done[key]["stage3_max_live_parameters"] = args.max_live
         results_path.write_text(json.dumps(done, indent=1))
         print(json.dumps(done[key]), flush=True)
@@ -293,14 +299,14 @@ def main() -> None:
     phase("resume", lambda: launch("train.py", tuned, *resume, flags=("--resume",)))
     ckpt = ("--from", str(tuned / "checkpoints"))
     one_step = ("train.max_steps=1", "checkpoint.every=1")
-    structured = work / "structured"
+    structured = work / ("structured" + suffix)
     cut = (f"prune.heads_per_layer={heads}", f"prune.channels_per_layer={channels}",
            "prune.head_score=weight", "prune.channel_score=weight")  # fmt: skip
     phase("structured", lambda: launch("prune.py", structured, "prune.kind=structured", *cut, *one_step,
                                         flags=ckpt))  # fmt: skip
-    if "structured" in done:
+    if "structured" + suffix in done:
         shutil.rmtree(structured, ignore_errors=True)  # nothing later needs it (its size is recorded)
-    unstructured = work / "unstructured"
+    unstructured = work / ("unstructured" + suffix)
     half = ("prune.ratio=0.5", "prune.scope=global", "prune.score=magnitude")
     phase("unstructured", lambda: launch("prune.py", unstructured, "prune.kind=unstructured", *half,
                                           *one_step, flags=ckpt))  # fmt: skip
