@@ -47,7 +47,8 @@ def main() -> None:
         h.update(name.encode() + b.detach().cpu().numpy().tobytes())
     per_rank = comm.all_gather_objects(built)
     if rank == 0:
-        print("REPORT " + json.dumps({"world": world, "built": per_rank, "digest": h.hexdigest()}), flush=True)
+        report = {"world": world, "built": per_rank, "digest": h.hexdigest()}
+        print("REPORT " + json.dumps(report), flush=True)
     comm.shutdown()
 
 
