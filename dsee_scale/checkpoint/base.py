@@ -11,7 +11,7 @@ safetensors files, or a GGUF file), the run saves without its frozen parameters
   names   frozen parameter -> its tensor in the source's safetensors (DSEE's base_layer dropped)
   order   every state-dict name of the model, in order (DeepSpeed's files then lack the frozen)
 Resume, export and pruning check the files against `files` (a changed base is refused, the
-file named) and read the frozen tensors from them, memory-mapped, one tensor at a time.
+file named) and read the frozen tensors from them with plain reads, one tensor at a time.
 """
 
 from __future__ import annotations

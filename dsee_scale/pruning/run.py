@@ -1,16 +1,16 @@
 """The pruning stage behind `dsee-scale prune` / `deepspeed launchers/prune.py`: score, prune,
 rebuild, re-tune.
 
-1. The tuned ZeRO-3 checkpoint is read one decoder block at a time (memory-mapped, no
-   DeepSpeed): each block is rebuilt on CPU with its DSEE updates and scored. Scores that need
-   activations (activation heads / channels, Wanda) push a few calibration batches through the
-   blocks one after the other (layer-wise, as Wanda does). Every rank scores
-   every block from the same files, so all ranks take the same decision; a digest of the plan
-   is compared across ranks to make sure.
-2. The smaller model is built under ZeRO-3 (partitioned as it is created, from the pruned
+1. The tuned ZeRO-3 checkpoint is read one decoder block at a time (no DeepSpeed): each block
+   is rebuilt on CPU with its DSEE updates and scored. Scores that need activations (activation
+   heads / channels, Wanda) push a few calibration batches through the blocks one after the
+   other (layer-wise, as Wanda does). Each rank scores its share of the blocks and the scores or
+   plans are exchanged, so all ranks take the same decision; a digest of it is compared across
+   ranks to make sure.
+2. The smaller model is built under ZeRO-3 (partitioned, nothing initialised, from the pruned
    config), DSEE is injected with the cut supports, and the kept slices are copied in block by
-   block (each partitioned parameter gathered alone, written by rank 0). No rank holds the whole
-   model, pruned or not.
+   block: block i read and cut by rank i mod world alone, each of its tensors gathered alone and
+   broadcast from that rank. No rank holds the whole model, pruned or not.
 3. Re-tuning is an ordinary training run (training/trainer.py) of A, B and S with the pruned W
    frozen; its checkpoints carry the pruned architecture in experiment.yaml, so
    `dsee-scale train --resume`, `dsee-scale prune --resume` and `dsee-scale export` work on them
@@ -23,7 +23,7 @@ import copy
 import functools
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypedDict
@@ -540,6 +540,14 @@ def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
     return pruned, build, summary
 
 
+def _cut_block_state(cm: CheckpointModel, i: int, pc: PruneConfig, decision: Decision, merged: bool) -> dict:
+    return pruned_block(cm, i, pc, decision, merged).state_dict()
+
+
+def _entry(state: Callable[[], dict], name: str) -> torch.Tensor:
+    return state()[name]
+
+
 def build_pruned(
     cm: CheckpointModel,
     pc: PruneConfig,
@@ -571,22 +579,16 @@ def build_pruned(
             b = pruned_block(cm, i, pc, cut_only)
             mine.update({cm.arch.block_prefix(i) + k: v for k, v in supports_of(b).items()})
             del b
-        supports = comm.merged_over_ranks(mine) if world > 1 else mine
+        supports = comm.merged_over_ranks(mine)
         inject(model, exp.dsee, supports)
     bar = progress_bar("pruned blocks into the model", rank == 0, unit="block")
     for i in range(cm.dims.layers):
-        state: dict[str, torch.Tensor] = {}
-
-        def tensor(rel: str, i: int = i, state: dict = state) -> torch.Tensor:
-            if not state:  # read and cut on the first tensor this rank writes
-                state.update(pruned_block(cm, i, pc, decision, merged=fresh).state_dict())
-            return state[rel]
-
-        rels = [k for k, _ in _block_entries(model, cm.arch.block_prefix(i))]
-        for rel in rels:
-            copy_full_into(model, cm.arch.block_prefix(i) + rel, functools.partial(tensor, rel), rank,
-                           writer=i % world)  # fmt: skip
-        state.clear()
+        prefix = cm.arch.block_prefix(i)
+        # read and cut once, on the first tensor this rank writes (only rank i mod world does)
+        cut = functools.cache(functools.partial(_cut_block_state, cm, i, pc, decision, fresh))
+        for rel in model.get_submodule(prefix.rstrip(".")).state_dict():  # every rank's order
+            copy_full_into(model, prefix + rel, functools.partial(_entry, cut, rel), rank, writer=i % world)
+        cut.cache_clear()
         if bar is not None:
             bar(i + 1, cm.dims.layers)
     outside = [n for n, _ in model.named_parameters() if cm.arch.block_index(n) is None]
@@ -597,11 +599,3 @@ def build_pruned(
         supports = choose_supports(model, resolve_targets(model, exp.dsee), exp.dsee, bar)
         inject(model, exp.dsee, supports)
     return model, supports
-
-
-def _block_entries(model: torch.nn.Module, prefix: str) -> list[tuple[str, torch.Tensor]]:
-    """(name relative to the block, tensor) of the block's parameters and persistent buffers,
-    in state_dict order, as every rank's model lists them (the order copy_full_into's
-    collectives follow)."""
-    block = model.get_submodule(prefix.rstrip("."))
-    return list(block.state_dict(keep_vars=True).items())

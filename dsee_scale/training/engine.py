@@ -152,12 +152,18 @@ def frozen_dtype(exp: ExperimentConfig) -> Literal["float32", "bfloat16", "float
     return exp.model.dtype
 
 
+def frozen_model_config(exp: ExperimentConfig):
+    """exp.model with the dtype the frozen weights are held in."""
+    mc = copy.copy(exp.model)
+    mc.dtype = frozen_dtype(exp)
+    return mc
+
+
 def build_model(exp: ExperimentConfig, ds: dict):
     """The base model, partitioned while it loads under ZeRO-3 (never a full copy per rank)."""
     from ..models import dequantized_once_per_node, load_model
 
-    mc = copy.copy(exp.model)
-    mc.dtype = frozen_dtype(exp)
+    mc = frozen_model_config(exp)
     if comm.rank_and_world()[1] > 1:  # a GGUF: dequantized by one rank per node, then loaded by all
         mc = dequantized_once_per_node(
             mc, int(os.environ.get("LOCAL_RANK", 0)), exp.train.collective_timeout_s
@@ -179,16 +185,14 @@ def blank_model(exp: ExperimentConfig, ds: dict):
     if zero_stage(ds) != 3 or exp.model.config is None:
         return build_model(exp, ds)
     zero.partitioned_loading(copy.deepcopy(ds))
-    mc = copy.copy(exp.model)
-    mc.dtype = frozen_dtype(exp)
-    model = partitioned_skeleton(mc)
+    model = partitioned_skeleton(frozen_model_config(exp))
     model.tie_weights()
     return model  # in training mode, as from_config builds it
 
 
 def load_into_partitions(mc, ds: dict):
     """A model directory's weights under ZeRO-3, each rank reading only its own partition of
-    every parameter from the safetensors files (memory-mapped rows), with no gather and no
+    every parameter from the safetensors files (plain reads of its bytes), with no gather and no
     collective: O(model / world) per rank. (transformers' from_pretrained under ZeRO-3 reads
     every tensor on rank 0 and gathers each layer to write it.) None where this does not apply
     (no safetensors, an architecture outside archs.py, parameter offload to NVMe, a tensor the
