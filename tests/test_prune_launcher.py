@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from dsee_scale.adapters import dsee_layers
+from dsee_scale.adapters.layer import is_dsee_name
 from dsee_scale.checkpoint import ZeroCheckpoint
 from dsee_scale.data import ByteTokenizer, build_corpus, micro_batch
 from dsee_scale.experiment import load_experiment
@@ -247,6 +249,39 @@ def test_layerwise_calibration_equals_whole_model_forward(tuned, kind):
     for full, norm in want.items():
         _, _, i, rel = full.split(".", 3)
         torch.testing.assert_close(stats["blocks"][int(i)]["sq"][rel].sqrt(), norm, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_checkpoint_blocks_are_read_in_their_saved_dtype(tuned, kind):
+    """A block of a bf16 checkpoint is handed out in bf16 (half a float32 block's memory, the
+    pruning stage's largest holding); merged, its weights equal a float32 block's merge exactly."""
+    from dsee_scale.pruning.run import CheckpointModel
+
+    cfg, ckpt, _ = tuned[kind]
+    cm = CheckpointModel(str(ckpt))
+    read = cm.ck.tensor
+
+    def as_bf16(name):  # the tiny checkpoint saved float32: serve its frozen weights as bf16
+        t = read(name)
+        return t.bfloat16() if name in cm.ck.frozen_shapes and t.is_floating_point() else t
+
+    cm.ck.tensor = as_bf16
+    for i in range(cm.dims.layers):
+        b = cm.block(i)
+        frozen = {n: p.dtype for n, p in b.named_parameters() if not is_dsee_name(n)}
+        assert set(frozen.values()) == {torch.bfloat16}, frozen
+        targeted = [name for name, _ in dsee_layers(b)]
+        assert targeted
+        for merged in (False, True):
+            got = cm.block(i, merged).state_dict()
+            want = cm.block(i, merged, torch.float32).state_dict()  # the block read as float32
+            assert got.keys() == want.keys()
+            for name, t in got.items():
+                assert torch.equal(t.float() if t.is_floating_point() else t, want[name]), (merged, name)
+        for name in targeted:  # merged: the updates are in W (float32), which differs from the saved W
+            w = got[f"{name}.weight"]
+            assert w.dtype == torch.float32
+            assert not torch.equal(w, b.get_submodule(name).base_layer.weight.float())
 
 
 def test_wanda_and_activation_scores_through_the_launcher(tuned):

@@ -141,11 +141,13 @@ def test_masks_survive_retuning_and_merging_refills_unless_masked():
     assert U.sparsity_report(layers)["merged_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.parametrize("given", ["dict", "pairs"])
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.9])
 @pytest.mark.parametrize("kind", ["ties", "continuous"])
-def test_streamed_global_threshold_equals_the_sorted_one(ratio, kind):
-    """Global masks from two bit-pattern histograms, one block's scores at a time, equal the
-    masks of sorting all scores at once, ties included."""
+def test_streamed_global_threshold_equals_the_sorted_one(ratio, kind, given):
+    """Global masks from two bit-pattern histograms, one block's scores at a time (a dict, or
+    (name, scores) pairs one matrix at a time as each_score yields them), equal the masks of
+    sorting all scores at once, ties included (-0.0 and 0.0 too)."""
     g = torch.Generator().manual_seed(7)
     shapes = [[(6, 10), (3, 10)], [(8, 4)], [(5, 7), (7, 5), (2, 2)]]
     blocks = []
@@ -154,6 +156,8 @@ def test_streamed_global_threshold_equals_the_sorted_one(ratio, kind):
             blocks.append(
                 {f"m{j}": torch.randint(0, 5, s, generator=g).float() / 4 for j, s in enumerate(shp)}
             )
+            for m in blocks[-1].values():
+                m[(m == 0) & (torch.rand(m.shape, generator=g) < 0.5)] = -0.0  # some zeros are -0.0
         else:
             scale = [
                 10.0 ** int(torch.randint(-8, 3, (1,), generator=g)) for _ in shp
@@ -163,7 +167,7 @@ def test_streamed_global_threshold_equals_the_sorted_one(ratio, kind):
 
     def score_of_block(i):
         calls.append(i)
-        return blocks[i]
+        return blocks[i] if given == "dict" else ((k, v.clone()) for k, v in blocks[i].items())
 
     got = U.streamed_global_masks(score_of_block, len(blocks), ratio)
     flat = {f"{i}/{k}": v for i, b in enumerate(blocks) for k, v in b.items()}

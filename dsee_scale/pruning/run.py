@@ -23,7 +23,7 @@ import copy
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypedDict
@@ -31,7 +31,15 @@ from typing import Any, TypedDict
 import torch
 
 from .. import zero
-from ..adapters import DSEEConfig, DSEELayer, choose_supports, inject, merge_and_unload, supports_of
+from ..adapters import (
+    DSEEConfig,
+    DSEELayer,
+    choose_supports,
+    dsee_layers,
+    inject,
+    merge_and_unload,
+    supports_of,
+)
 from ..adapters.layer import delta_name
 from ..archs import arch_of
 from ..checkpoint import ZeroCheckpoint
@@ -142,10 +150,12 @@ class CheckpointModel:
             self.skeleton = AutoModelForCausalLM.from_config(self.config)
         self.layout = self.ck.meta["dsee_layers"]
 
-    def block(self, i: int, merged: bool = False) -> torch.nn.Module:
-        """Block i on CPU (float32), with its trained DSEE updates, weights from the checkpoint
-        (merged: the updates folded into W, plain layers)."""
-        b = copy.deepcopy(self.arch.block_list(self.skeleton)[i]).to_empty(device="cpu").float()
+    def block(self, i: int, merged: bool = False, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """Block i on CPU with its trained DSEE updates, weights from the checkpoint: each tensor
+        in the dtype it was saved in (a bf16 block is half the memory of a float32 one), or all in
+        `dtype` (float32 for the calibration walks). merged: the updates folded into W in float32
+        (those weights are float32 then), plain layers."""
+        b = copy.deepcopy(self.arch.block_list(self.skeleton)[i]).to_empty(device="cpu")  # untouched pages
         pre = self.arch.block_prefix(i)
         for name, info in self.layout.items():
             if not name.startswith(pre):
@@ -153,12 +163,13 @@ class CheckpointModel:
             rel = name[len(pre) :]
             deltas = {s: self.ck.dsee_delta(delta_name(name, s), self.dsee) for s in info["slices"]}
             b.set_submodule(rel, DSEELayer(b.get_submodule(rel), deltas, self.dsee.keep_zeros))
-        state = {}
-        for k in b.state_dict():
-            t = self.ck.tensor(pre + k)
-            state[k] = t.float() if t.is_floating_point() else t
-        b.load_state_dict(state, strict=True)
+        state = {k: self.ck.tensor(pre + k) for k in b.state_dict()}  # each read once, kept as read
+        b.load_state_dict(state, strict=True, assign=True)
+        if dtype is not None:
+            b.to(dtype)
         if merged:
+            for _, layer in dsee_layers(b):
+                layer.base_layer.float()  # W + update in float32, as a float32 block would
             merge_and_unload(b)
         return b
 
@@ -215,7 +226,7 @@ def layerwise_statistics(cm: CheckpointModel, batches: list[torch.Tensor]) -> Ca
     walk = BlockWalk(cm, [batches[j] for j in comm.my_share(len(batches))])  # each rank: its batches
     stats: CalibrationStats = {"tokens": sum(ids.numel() for ids in batches), "blocks": {}}
     for i in range(cm.dims.layers):
-        b = cm.block(i).eval()
+        b = cm.block(i, dtype=torch.float32).eval()
         layers = U.prunable(b, ["*"])
         sq: dict = {n: 0 for n in layers}
         ab: dict = {n: 0 for n in layers}
@@ -260,7 +271,7 @@ def sparsegpt_blocks(
     keep: dict[int, dict[str, torch.Tensor]] = {}
     weights: dict[int, dict[str, torch.Tensor]] = {}
     for i in range(cm.dims.layers):
-        b = cm.block(i, merged=pc.recovery is not None).eval()  # recovery: prune the merged W
+        b = cm.block(i, pc.recovery is not None, torch.float32).eval()  # recovery: prune the merged W
         layers = U.prunable(b, pc.targets or ["*"])
         names = list(layers)
         hess: dict[str, torch.Tensor] = {n: 0 for n in names}  # type: ignore[misc]
@@ -418,18 +429,22 @@ def unstructured_masks(cm: CheckpointModel, pc: PruneConfig, stats: CalibrationS
     bar = progress_bar(f"{pc.score} scores, 3 passes", shown, unit="block")
     scored = 0
 
-    def score_of_block(i: int) -> dict[str, torch.Tensor]:
+    def score_of_block(i: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Block i's scores one matrix at a time (the block is read now, in its saved dtype)."""
         nonlocal scored
         norms = None if stats is None else {k: v.sqrt() for k, v in stats["blocks"][i]["sq"].items()}
-        out = U.scores(U.prunable(cm.block(i, merged), pc.targets or ["*"]), pc.score, norms)
+        out = U.each_score(U.prunable(cm.block(i, merged), pc.targets or ["*"]), pc.score, norms)
         scored += 1
         if bar is not None and scored <= 3 * len(mine):
             bar(scored, 3 * len(mine))
         return out
 
-    if not streamed:  # any rank computes any block's masks on its own
+    if not streamed:  # any rank computes any block's masks on its own, one matrix at a time
         nm = parse_nm(pc.nm) if pc.nm is not None else None
-        return U.BlockMasks(cm.dims.layers, lambda i: U.masks(score_of_block(i), pc.ratio, pc.scope, nm))
+        return U.BlockMasks(
+            cm.dims.layers,
+            lambda i: {k: U.masks({k: s}, pc.ratio, pc.scope, nm)[k] for k, s in score_of_block(i)},
+        )
     return U.streamed_global_masks(score_of_block, cm.dims.layers, pc.ratio, mine, comm.all_gather_objects)
 
 
@@ -453,14 +468,15 @@ def pruned_block(
     holding W + update, pruned."""
     from ..adapters.layer import unwrap, weight_out_in
 
+    keep = decision.keep[i] if decision.keep is not None else None  # scored (and let go) first
     b = cm.block(i, merged)
     if decision.plan is not None:
         prune_block(b, cm.arch, decision.plan.layers[i], cm.dims)
-    if decision.keep is not None:
+    if keep is not None:
         layers = U.prunable(b, pc.targets or ["*"])
         for name, w in (decision.weights or {}).get(i, {}).items():
             weight_out_in(unwrap(layers[name])).copy_(w)
-        U.apply_masks(layers, decision.keep[i])
+        U.apply_masks(layers, keep)
     return b
 
 

@@ -21,7 +21,7 @@ the real sparsity of the merged weights, and `mask_merged` prunes the merged wei
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +30,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..adapters.layer import BASE, DSEELayer, is_dsee_name, slice_bounds, unwrap, weight_out_in
 from ..archs import arch_of
+
+Scores = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]  # a block's, by matrix name
 
 UNSTRUCTURED_SCORES = ("magnitude", "abs", "wabs", "wanda")
 SCOPES = ("global", "layer", "row")
@@ -81,13 +83,20 @@ def _targeted_rows(layer: DSEELayer) -> torch.Tensor:
     return rows
 
 
-@torch.no_grad()
 def scores(
     layers: dict[str, nn.Module], method: str, input_norms: dict | None = None
 ) -> dict[str, torch.Tensor]:
+    return dict(each_score(layers, method, input_norms))
+
+
+@torch.no_grad()
+def each_score(
+    layers: dict[str, nn.Module], method: str, input_norms: dict | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, float32 scores) of one matrix after the other: a caller that uses each and lets it
+    go holds one matrix's scores, not a block's."""
     if method not in UNSTRUCTURED_SCORES:
         raise ValueError(f"unstructured score {method!r}; allowed: {', '.join(UNSTRUCTURED_SCORES)}")
-    out = {}
     for name, layer in layers.items():
         w = _w(layer).detach().float()
         s = w.abs()
@@ -106,8 +115,8 @@ def scores(
             if input_norms is None or name not in input_norms:
                 raise ValueError("wanda scores need input norms from calibration batches")
             s = s * input_norms[name].float()[None, :]
-        out[name] = s
-    return out
+        del w
+        yield name, s
 
 
 @torch.no_grad()
@@ -188,7 +197,7 @@ class BlockMasks(Mapping[int, dict[str, torch.Tensor]]):
 
 
 def streamed_global_masks(
-    score_of_block: Callable[[int], dict[str, torch.Tensor]],
+    score_of_block: Callable[[int], Scores],
     blocks: int,
     ratio: float,
     mine: list[int] | None = None,
@@ -202,21 +211,26 @@ def streamed_global_masks(
     recomputed, not kept), and once more when block i's masks are asked for (BlockMasks).
     Split over ranks: each rank scores only the blocks in `mine`, and `gather(x)` returns every
     rank's x (histograms are summed, tie counts exchanged); then any rank can compute any block's
-    masks, and no masks travel."""
+    masks, and no masks travel. `score_of_block` may yield (name, scores) pairs one at a time
+    (each_score): then no more than one matrix's scores are held."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"sparsity ratio {ratio}: must be in [0, 1)")
     mine = list(range(blocks)) if mine is None else mine
     gather = gather or (lambda x: [x])
 
     def bits_of(s: torch.Tensor) -> torch.Tensor:
-        s = s.detach().float().reshape(-1) + 0.0  # -0.0 -> 0.0
+        s = s.detach().float().reshape(-1)
         if bool((s < 0).any()) or bool(s.isnan().any()):
             raise ValueError("streamed global pruning needs non-negative, finite scores")
-        return s.view(torch.int32).long()
+        return s.view(torch.int32) & 0x7FFFFFFF  # -0.0 -> 0.0 (no negative score is left)
+
+    def pairs(i: int) -> Iterable[tuple[str, torch.Tensor]]:
+        block = score_of_block(i)
+        return block.items() if isinstance(block, Mapping) else block
 
     def each_mine():
         for i in mine:
-            for name, sc in score_of_block(i).items():
+            for name, sc in pairs(i):
                 yield i, name, sc, bits_of(sc)
 
     high = torch.zeros(1 << 15, dtype=torch.long)
@@ -246,7 +260,7 @@ def streamed_global_masks(
 
     def keep_of(i: int) -> dict[str, torch.Tensor]:
         out = {}
-        for name, sc in score_of_block(i).items():
+        for name, sc in pairs(i):
             b = bits_of(sc)
             keep = b > value
             eq = (b == value).nonzero().squeeze(1)
