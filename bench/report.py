@@ -656,20 +656,23 @@ class Report:
                 times = (
                     f"{ph['grebsmo_seconds']:.1f} / {ph['svd_seconds']:.1f} / {ph['magnitude_seconds']:.1f}"
                 )
-                rows.append(
-                    [f"support: GreBsmo / SVD / magnitude, one {ph['matrix']} matrix", times, "", "", "", ""]
-                )
+                label = f"support: GreBsmo / SVD / magnitude, one {ph['matrix']} matrix"
+                rows.append([label, times, "", "", "", "", ""])
                 continue
             for label, q in [(name, ph)] + [(f"{name} baseline: {k}", ph[k]) for k in BASELINES if k in ph]:
                 if q.get("exit_code"):
                     label += f" (failed, exit code {q['exit_code']}: -9 is killed for memory)"
                 per_rank = " / ".join(f"{m / 1024:.2f}" for m in q.get("peak_rss_mib_per_rank", []))
+                whole = " / ".join(f"{m / 1024:.2f}" for m in q.get("peak_gathered_params_mib_per_rank", []))
                 rows.append([label, q["seconds"], q.get("peak_rss_gib_all_processes", ""),
-                             q.get("peak_pss_gib_all_processes", ""), per_rank,
+                             q.get("peak_pss_gib_all_processes", ""), per_rank, whole,
                              (q.get("bytes") or q["bytes_written"]) / 1e9])  # fmt: skip
         per_rank_bound = b.get("ranks_x_shard_layer_imports_gib", 0) / max(r["ranks"], 1)
         header = ["phase", "seconds", "peak RSS GiB, all", "peak PSS GiB, all",
-                  f"peak RSS GiB per rank (bound {per_rank_bound:.2f})", "GB written"]  # fmt: skip
+                  f"peak RSS GiB per rank (bound {per_rank_bound:.2f})",
+                  f"whole parameters held at once in the steps, GiB per rank (largest block "
+                  f"{b.get('largest_layer_gib', 0):.2f})",
+                  "GB written"]  # fmt: skip
         self.add(table(header, rows))
         ratio = r["phases"].get("export", {}).get("export_over_plain_copy_speed")
         if ratio is not None:

@@ -211,18 +211,28 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "dsee_scale" / "scale_7b"))
     ap.add_argument("--grebsmo-rounds", type=int, default=100)
     ap.add_argument("--phases", default="base,support,train,resume,structured,unstructured,export")
-    ap.add_argument("--max-live", type=float, default=None,
-                    help="the engine's stage3_max_live_parameters for these phases (recorded as "
-                         "<phase>_max_live_<N>, in their own output directories)")  # fmt: skip
+    ap.add_argument(
+        "--max-live",
+        type=float,
+        default=None,
+        help="the engine's stage3_max_live_parameters for these phases (recorded as "
+        "<phase>_max_live_<N>, in their own output directories)",
+    )
+    ap.add_argument("--max-reuse", type=float, default=None,
+                    help="the engine's stage3_max_reuse_distance (DeepSpeed keeps gathered every "
+                         "parameter reused within that many elements; default 1e9), recorded as "
+                         "<phase>[_max_live_<N>]_max_reuse_<M>")  # fmt: skip
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     work = Path(args.work) / args.shape
     work.mkdir(parents=True, exist_ok=True)
-    suffix = ""
-    if args.max_live is not None:  # a variant of the engine config, beside the default's phases
-        suffix = f"_max_live_{args.max_live:g}"
-        ds = json.loads((ROOT / args.deepspeed).read_text())
-        ds["zero_optimization"]["stage3_max_live_parameters"] = args.max_live
+    suffix, ds = "", json.loads((ROOT / args.deepspeed).read_text())
+    for key, value, label in (("stage3_max_live_parameters", args.max_live, "max_live"),
+                              ("stage3_max_reuse_distance", args.max_reuse, "max_reuse")):  # fmt: skip
+        if value is not None:  # a variant of the engine config, beside the default's phases
+            suffix += f"_{label}_{value:g}"
+            ds["zero_optimization"][key] = value
+    if suffix:
         variant = work / f"zero3{suffix}.json"
         variant.write_text(json.dumps(ds, indent=1))
     engine_config = str(variant) if suffix else args.deepspeed
@@ -251,7 +261,12 @@ def main() -> None:
         result = measured(cmd, out)
         summary = out / "summary.json"  # the run's own ru_maxrss of each rank
         if summary.is_file():
-            result["peak_rss_mib_per_rank"] = json.loads(summary.read_text()).get("peak_rss_mb_per_rank")
+            run_summary = json.loads(summary.read_text())
+            result["peak_rss_mib_per_rank"] = run_summary.get("peak_rss_mb_per_rank")
+            memory = run_summary.get("peak_memory_mb_per_rank", [])
+            gathered = [m.get("mem/peak_gathered_params_mb") for m in memory]
+            if gathered and None not in gathered:  # whole parameters held at once in the steps
+                result["peak_gathered_params_mib_per_rank"] = gathered
         return result
 
     def measured(cmd: list[str], out: Path, sync: bool = False, may_fail: bool = False) -> dict:
@@ -282,6 +297,8 @@ def main() -> None:
         done[key] = fn()
         if engine_phase and args.max_live is not None:
             done[key]["stage3_max_live_parameters"] = args.max_live
+        if engine_phase and args.max_reuse is not None:
+            done[key]["stage3_max_reuse_distance"] = args.max_reuse
         results_path.write_text(json.dumps(done, indent=1))
         print(json.dumps(done[key]), flush=True)
 

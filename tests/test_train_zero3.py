@@ -89,8 +89,8 @@ def test_tensorboard_has_the_scalars_and_histograms(runs):
     tags = set(acc.Tags()["scalars"])
     for tag in (
         "train/loss", "train/perplexity", "train/lr", "train/grad_norm", "train/samples",
-        "perf/tokens_per_s", "perf/step_time_s", "mem/rss_mb", "model/trainable_params",
-        "eval/loss", "eval/perplexity",
+        "perf/tokens_per_s", "perf/step_time_s", "mem/rss_mb", "mem/peak_gathered_params_mb",
+        "model/trainable_params", "eval/loss", "eval/perplexity",
     ):  # fmt: skip
         assert tag in tags, (tag, tags)
     loss_events = acc.Scalars("train/loss")
@@ -153,3 +153,42 @@ def test_deepspeed_config_conflict_is_a_clear_error(runs, tmp_path):
     r = launch(cfg, 1)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "train_micro_batch_size_per_gpu=8 conflicts with train.micro_batch_size=2" in r.stderr
+
+
+def test_summary_reports_the_gathered_parameters_and_they_follow_the_live_budget(runs, tmp_path):
+    """summary.json's peak of whole (gathered) parameters per rank is a measurement: with
+    stage3_max_live_parameters, prefetching, persistence and reuse distance at 0 (DeepSpeed's
+    default max_reuse_distance of 1e9 keeps every parameter reused within 1e9 elements
+    gathered, whatever max_live says), no rank ever holds more than
+    one decoder block whole (the block's size from the plain model and DeepSpeed's zero_to_fp32),
+    while the default budget keeps more of this tiny model gathered at once."""
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    zero = ("stage3_max_live_parameters", "stage3_prefetch_bucket_size",
+            "stage3_param_persistence_threshold", "stage3_max_reuse_distance")  # fmt: skip
+    ds["zero_optimization"].update(dict.fromkeys(zero, 0))
+    (tmp_path / "tight.json").write_text(json.dumps(ds))
+    out, _ = runs.get("llama-2-tight", "llama", 2, deepspeed=str(tmp_path / "tight.json"))
+    default, _ = runs.get("llama-2", "llama", 2)
+    from transformers import AutoModelForCausalLM
+
+    trained = deepspeed_params(out / "checkpoints")  # A, B, S values (the base is not saved)
+    params = {n: t for n, t in trained.items() if not n.endswith("sparse_index")}  # parameters only
+    params.update(AutoModelForCausalLM.from_pretrained(runs.models["llama"]).named_parameters())
+    blocks: dict[str, int] = {}
+    for name, t in params.items():
+        if name.startswith("model.layers."):
+            block = ".".join(name.split(".")[:3])
+            blocks[block] = blocks.get(block, 0) + t.numel() * t.element_size()
+    whole = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in params.values()}.values())
+    assert len(blocks) == 2 and max(blocks.values()) < whole / 2
+
+    def peaks(run):
+        memory = json.loads((run / "summary.json").read_text())["peak_memory_mb_per_rank"]
+        return [m["mem/peak_gathered_params_mb"] * 2**20 for m in memory]
+
+    tight, loose = peaks(out), peaks(default)
+    assert len(tight) == len(loose) == 2
+    for rank in range(2):
+        assert 0 < tight[rank] <= max(blocks.values()), (tight, blocks)
+        assert loose[rank] > max(blocks.values()), (loose, blocks)  # the budget is what bounds it
+        assert loose[rank] <= whole, (loose, whole)

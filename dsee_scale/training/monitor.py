@@ -22,6 +22,7 @@ SCALARS = (
     "perf/tokens_per_s",
     "perf/step_time_s",
     "mem/rss_mb",
+    "mem/peak_gathered_params_mb",
     "model/trainable_params",
 )
 

@@ -37,7 +37,7 @@ from ..experiment import ExperimentConfig
 from ..faults import exit_after_step, nan_fault
 from ..generation import held_out_samples
 from ..models import load_config, load_tokenizer
-from ..zero import comm
+from ..zero import GatheredPeak, comm
 from . import checkpoint as ckpt
 from .distributed import setup_env, threads_per_rank
 from .engine import (
@@ -137,6 +137,8 @@ class TrainingRun:
             self.choose_gradient_supports()
         self.start = self.load_checkpoint()
         self.open_logs()
+        models = [self.engine.module] + ([] if self.teacher is None else [self.teacher.module])
+        self.gathered = GatheredPeak(models)  # sampled in the training steps; summary.json has it
 
     def find_resume_point(self) -> ResumePoint | None:
         root = fmt.checkpoints_dir(self.exp.output_dir)
@@ -340,7 +342,8 @@ class TrainingRun:
         self.engine.train()
         for step in range(self.start, self.total_steps):
             done = step + 1
-            loss, seconds = self.train_step(step)
+            with self.gathered.sampling():
+                loss, seconds = self.train_step(step)
             skipped = self.skips.update(done, self.engine.was_step_applied(), loss)
             self.log_step(done, loss, seconds, skipped)
             exit_after_step(done)
@@ -424,7 +427,8 @@ class TrainingRun:
         if done % t.log_every == 0 or done == self.total_steps or skipped:
             scalars = {"train/lr": lr, "train/skipped_steps": float(self.skips.total),
                        "train/samples": float(done * t.batch_size), "perf/tokens_per_s": tokens_per_s,
-                       "perf/step_time_s": seconds, **memory_scalars()}  # fmt: skip
+                       "perf/step_time_s": seconds, **memory_scalars(),
+                       "mem/peak_gathered_params_mb": self.gathered.peak / 2**20}  # fmt: skip
             if not skipped:
                 scalars.update({"train/loss": loss, "train/grad_norm": grad_norm,
                                 "train/perplexity": math.exp(min(loss, 50))})  # fmt: skip
@@ -451,7 +455,8 @@ class TrainingRun:
 
     # ---- cleanup -------------------------------------------------------------------------
     def cleanup(self) -> None:
-        memory = comm.all_gather_objects(memory_scalars())  # per rank: RSS, accelerator memory
+        mine = {**memory_scalars(), "mem/peak_gathered_params_mb": self.gathered.peak / 2**20}
+        memory = comm.all_gather_objects(mine)  # per rank: RSS, accelerator memory, gathered parameters
         self.summary["peak_rss_mb_per_rank"] = [m["mem/rss_mb"] for m in memory]
         self.summary["peak_memory_mb_per_rank"] = memory
         self.monitor.close()

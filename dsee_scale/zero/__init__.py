@@ -18,6 +18,7 @@ transformers 5.x:
   `shared_params`, `optimizer_state_dict.fp32_flat_groups` (keys from
   `deepspeed.checkpoint.constants` where it defines them), as `zero_to_fp32.py` reads it;
 - `deepspeed.checkpoint.ds_to_universal` (run as a module) and `checkpoint.load_universal`;
+- `param.ds_status` (`ZeroParamStatus`): whether a parameter is gathered now (`GatheredPeak`);
 - `engine.was_step_applied()` and `get_global_grad_norm()` after a skipped (non-finite) step.
 """
 
@@ -53,6 +54,38 @@ def placement(p: torch.Tensor) -> torch.device:
     """Where new tensors that work beside parameter `p` belong: the rank's accelerator device
     for a partitioned parameter (its own .data is an empty placeholder), else p's device."""
     return comm.device() if is_partitioned(p) else p.device
+
+
+class GatheredPeak:
+    """The most bytes of whole (gathered) ZeRO-3 parameters a rank held at once while
+    `sampling()`: sampled at the end of every module's forward (gradient checkpointing's
+    recomputed forwards included), the moment ZeRO-3 still holds that module's parameters
+    beside any it prefetched or kept live (stage3_max_live_parameters) and the persistent small
+    ones. Memory beyond the partitions that is not gathered parameters (activations, buffers,
+    the allocator's) is not in it. One pass over the parameters' status per module call: the
+    trainer samples its training steps, not generation."""
+
+    def __init__(self, models: Sequence[nn.Module]):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        self.gone = ZeroParamStatus.NOT_AVAILABLE
+        self.params: list[Any] = [p for m in models for p in m.parameters() if is_partitioned(p)]
+        self.peak = 0
+
+    def held(self) -> int:
+        """Bytes of the parameters gathered (or in flight) right now."""
+        return sum(full_numel(p) * p.element_size() for p in self.params if p.ds_status != self.gone)
+
+    def _sample(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.peak = max(self.peak, self.held())
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        handle = torch.nn.modules.module.register_module_forward_hook(self._sample)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 @contextlib.contextmanager
