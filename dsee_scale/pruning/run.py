@@ -536,11 +536,14 @@ def pruned_experiment(exp: ExperimentConfig, cm: CheckpointModel, config: Any) -
 def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
     """Score and decide (the same on every rank, checked); returns (the pruned experiment to
     re-tune, a builder for trainer.run, a summary for prune_plan.json)."""
+    from ..training.monitor import release_freed_memory
+
     pc = exp.prune
     if pc is None:
         raise ConfigError("prune: the experiment has no prune section")
     cm = CheckpointModel(from_dir)
     decision = decide(exp, cm, pc)
+    release_freed_memory()  # the blocks read and scored
     d = digest(decision.summary["decision"])
     if len(set(comm.all_gather_objects(d))) != 1:
         raise RuntimeError("ranks took different pruning decisions")
@@ -582,7 +585,7 @@ def build_pruned(
     nothing initialised, since every parameter is written here."""
     from ..adapters.inject import resolve_targets
     from ..training.engine import blank_model
-    from ..training.monitor import progress_bar
+    from ..training.monitor import progress_bar, release_freed_memory
     from ..zero import copy_full_into
 
     world = comm.rank_and_world()[1]
@@ -614,4 +617,5 @@ def build_pruned(
         bar = progress_bar(f"recovery supports ({exp.dsee.support})", rank == 0)
         supports = choose_supports(model, resolve_targets(model, exp.dsee), exp.dsee, bar)
         inject(model, exp.dsee, supports)
+    release_freed_memory()  # the blocks read and cut, before the engine allocates
     return model, supports

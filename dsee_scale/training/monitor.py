@@ -80,6 +80,23 @@ class Monitor:
             self.writer.close()
 
 
+def release_freed_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc's malloc_trim; nothing elsewhere).
+    glibc keeps freed chunks of up to 32 MiB in its heaps, one per thread that allocated, so a
+    stage that reads and drops one block after another (the pruned fill, scoring) leaves
+    GiBs resident that the next stage cannot use; called between such stages."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def memory_scalars() -> dict[str, float]:
     from deepspeed.accelerator import get_accelerator
 

@@ -49,7 +49,7 @@ from .engine import (
     trainable_count,
 )
 from .evaluate import dsee_histograms, evaluate, generation_eval, samples_markdown
-from .monitor import Monitor, memory_scalars, progress_bar
+from .monitor import Monitor, memory_scalars, progress_bar, release_freed_memory
 from .nonfinite import Skips, backward_loss
 
 # build(exp, ds_config, rank, world) -> (model with DSEE injected, supports): a custom way to
@@ -139,6 +139,7 @@ class TrainingRun:
         self.open_logs()
         models = [self.engine.module] + ([] if self.teacher is None else [self.teacher.module])
         self.gathered = GatheredPeak(models)  # sampled in the training steps; summary.json has it
+        release_freed_memory()  # what loading the model and data read and let go
 
     def find_resume_point(self) -> ResumePoint | None:
         root = fmt.checkpoints_dir(self.exp.output_dir)
