@@ -670,7 +670,7 @@ class Report:
         per_rank_bound = b.get("ranks_x_shard_layer_imports_gib", 0) / max(r["ranks"], 1)
         header = ["phase", "seconds", "peak RSS GiB, all", "peak PSS GiB, all",
                   f"peak RSS GiB per rank (bound {per_rank_bound:.2f})",
-                  f"whole parameters held at once in the steps, GiB per rank (largest block "
+                  f"whole parameters held at once (steps, eval), GiB per rank (largest block "
                   f"{b.get('largest_layer_gib', 0):.2f})",
                   "GB written"]  # fmt: skip
         self.add(table(header, rows))

@@ -265,7 +265,7 @@ def main() -> None:
             result["peak_rss_mib_per_rank"] = run_summary.get("peak_rss_mb_per_rank")
             memory = run_summary.get("peak_memory_mb_per_rank", [])
             gathered = [m.get("mem/peak_gathered_params_mb") for m in memory]
-            if gathered and None not in gathered:  # whole parameters held at once in the steps
+            if gathered and None not in gathered:  # whole parameters held at once (steps, eval loss)
                 result["peak_gathered_params_mib_per_rank"] = gathered
         return result
 

@@ -138,7 +138,7 @@ class TrainingRun:
         self.start = self.load_checkpoint()
         self.open_logs()
         models = [self.engine.module] + ([] if self.teacher is None else [self.teacher.module])
-        self.gathered = GatheredPeak(models)  # sampled in the training steps; summary.json has it
+        self.gathered = GatheredPeak(models)  # sampled in steps and eval loss; summary.json has it
         release_freed_memory()  # what loading the model and data read and let go
 
     def find_resume_point(self) -> ResumePoint | None:
@@ -441,7 +441,8 @@ class TrainingRun:
         task metric from greedy answers, plus a few of them in TensorBoard's text tab."""
         assert self.corpus.eval is not None
         ev = self.exp.eval
-        self.eval_loss = evaluate(self.engine, self.corpus.eval, ev.batch_size)
+        with self.gathered.sampling():
+            self.eval_loss = evaluate(self.engine, self.corpus.eval, ev.batch_size)
         ppl = math.exp(min(self.eval_loss, 50))
         self.monitor.scalars(done, {"eval/loss": self.eval_loss, "eval/perplexity": ppl})
         line = f"step {done}: eval loss {self.eval_loss:.4f} perplexity {ppl:.2f}"

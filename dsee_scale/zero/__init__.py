@@ -63,7 +63,7 @@ class GatheredPeak:
     beside any it prefetched or kept live (stage3_max_live_parameters) and the persistent small
     ones. Memory beyond the partitions that is not gathered parameters (activations, buffers,
     the allocator's) is not in it. One pass over the parameters' status per module call: the
-    trainer samples its training steps, not generation."""
+    trainer samples its training steps and held-out loss, not generation."""
 
     def __init__(self, models: Sequence[nn.Module]):
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
