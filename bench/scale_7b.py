@@ -126,26 +126,28 @@ class Sampler:
     """The peaks of the summed RSS and PSS of a process and all its descendants, sampled every
     0.5 s. RSS counts a page every process maps (the model's memory-mapped files, DeepSpeed's
     shared-memory buffers) once per process; PSS shares it among them, so the summed PSS is
-    the memory all ranks hold together."""
+    the memory all ranks hold together. Swap (where the machine has any) is summed apart."""
 
     def __init__(self, pid: int):
         self.root, self.peak, self.peak_pss, self.stop = psutil.Process(pid), 0, 0, threading.Event()
+        self.peak_swap = 0
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
     def run(self):
         while not self.stop.is_set():
-            rss = pss = 0
+            rss = pss = swap = 0
             try:
                 for p in [self.root, *self.root.children(recursive=True)]:
                     try:
                         m = p.memory_full_info()
-                        rss, pss = rss + m.rss, pss + m.pss
+                        rss, pss, swap = rss + m.rss, pss + m.pss, swap + m.swap
                     except psutil.Error:
                         pass
             except psutil.Error:
                 pass
             self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            self.peak_swap = max(self.peak_swap, swap)
             time.sleep(0.5)
 
     def finish(self) -> tuple[float, float]:
@@ -192,7 +194,8 @@ def export_beside_baselines(ckpt: Path, work: Path, measured) -> dict:
     script = ("import torch\nfrom deepspeed.utils import zero_to_fp32 as z\n"
               f"z.convert_zero_checkpoint_to_state_dict({str(ckpt)!r}, {str(z2f)!r}, dtype=torch.bfloat16, "
               "max_shard_size='2GB', safe_serialization=True)")  # fmt: skip
-    # it loads every rank's frozen fragments whole (13.5 GB at 7B): it may not fit beside the rest
+    # it loads every rank's frozen fragments whole (13.5 GB at 7B), then joins each parameter's:
+    # it may not fit in RAM (a swap file lets it finish; the swap it used is recorded)
     deepspeed = measured([sys.executable, "-c", script], z2f, sync=True, may_fail=True)
     shutil.rmtree(z2f, ignore_errors=True)
     for r in (plain, ours, deepspeed):
@@ -279,13 +282,15 @@ def main() -> None:
         s = Sampler(p.pid)
         rc = p.wait()
         peak, peak_pss = s.finish()
+        swapped = s.peak_swap / 2**30
         if rc != 0 and not may_fail:
             sys.exit(f"error: {' '.join(cmd[-6:])} exited {rc}")
         if sync:
             os.sync()
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "peak_rss_gib_all_processes": peak, "exit_code": rc,
-                "peak_pss_gib_all_processes": peak_pss, "bytes_written": du(out)}  # fmt: skip
+                "peak_pss_gib_all_processes": peak_pss, "bytes_written": du(out),
+                **({"peak_swap_gib_all_processes": swapped} if swapped else {})}  # fmt: skip
 
     def phase(key: str, fn) -> None:
         engine_phase = key not in ("base", "support")  # the others do not run the engine

@@ -1,6 +1,7 @@
 """One rank of test_pruned_build_splits_blocks_over_ranks (tests/test_prune_launcher.py): decide
 a pruning, build the pruned model under ZeRO-3 as the prune launcher does, and report which
-blocks this rank read and cut, and a digest of every gathered parameter and buffer.
+blocks this rank read and cut (and, with SparseGPT, whose reconstructed weights it kept), and a
+digest of every gathered parameter and buffer.
 
     python tests/pruned_build_worker.py --config x.yaml --from <checkpoints> [overrides...]
 Prints one JSON line "REPORT {...}" on rank 0."""
@@ -26,6 +27,15 @@ def main() -> None:
     args = ap.parse_args()
     exp = load_experiment(args.config, args.overrides)
     rank, world = start_process_group(exp)
+    held: list[int] = []  # the blocks whose SparseGPT weights this rank keeps for the fill
+    sparsegpt = run.sparsegpt_blocks
+
+    def recording(*a, **kw):
+        keep, weights = sparsegpt(*a, **kw)
+        held.extend(sorted(weights))
+        return keep, weights
+
+    run.sparsegpt_blocks = recording
     pruned, build, _ = run.prepare(exp, args.from_dir, rank)
 
     built: list[int] = []  # the blocks this rank read and cut while building
@@ -46,8 +56,9 @@ def main() -> None:
     for name, b in sorted(model.named_buffers()):
         h.update(name.encode() + b.detach().cpu().numpy().tobytes())
     per_rank = comm.all_gather_objects(built)
+    held_per_rank = comm.all_gather_objects(held)
     if rank == 0:
-        report = {"world": world, "built": per_rank, "digest": h.hexdigest()}
+        report = {"world": world, "built": per_rank, "held": held_per_rank, "digest": h.hexdigest()}
         print("REPORT " + json.dumps(report), flush=True)
     comm.shutdown()
 

@@ -262,7 +262,8 @@ def sparsegpt_blocks(
 ) -> tuple[Masks, dict[int, dict[str, torch.Tensor]]]:
     """SparseGPT on every targeted projection, block after block: block i's Hessians come from
     the outputs of the already-pruned blocks before it (the DSEE updates stay on). Returns the
-    keep-masks and the reconstructed frozen weights (out x in) per block."""
+    keep-masks and the reconstructed frozen weights (out x in) of the blocks this rank fills
+    (block i: rank i mod world), not of every block (that would be the whole model per rank)."""
     from ..adapters.layer import layer_dims, unwrap, weight_out_in
     from .sparsegpt import sparsegpt_prune
 
@@ -294,11 +295,14 @@ def sparsegpt_blocks(
                     mine[name] = sparsegpt_prune(weight_out_in(unwrap(layers[name])), h, pc.ratio, nm)
                 except ValueError as e:
                     raise ConfigError(f"prune.nm: {cm.arch.block_prefix(i)}{name}: {e}") from None
-        keep[i], weights[i] = {}, {}
+        writer = i in comm.my_share(cm.dims.layers)  # the rank that fills block i keeps its result
+        if writer:
+            keep[i], weights[i] = {}, {}
         for name, (new, k) in comm.merged_over_ranks(mine).items():
             w = weight_out_in(unwrap(layers[name]))
             w.copy_(new.to(w.dtype))
-            keep[i][name], weights[i][name] = k, w.detach().clone()
+            if writer:
+                keep[i][name], weights[i][name] = k, w.detach().clone()
         walk.advance(b)  # the pruned block's outputs feed the next block
     return keep, weights
 
