@@ -661,7 +661,7 @@ class Report:
                 continue
             for label, q in [(name, ph)] + [(f"{name} baseline: {k}", ph[k]) for k in BASELINES if k in ph]:
                 if q.get("exit_code"):
-                    label += f" (failed, exit code {q['exit_code']}: -9 is killed for memory)"
+                    label += f" (failed, exit code {q['exit_code']}: -9 is killed for memory, 124 timed out)"
                 if q.get("peak_swap_gib_all_processes"):
                     label += f" (and {q['peak_swap_gib_all_processes']:.1f} GiB in swap)"
                 per_rank = " / ".join(f"{m / 1024:.2f}" for m in q.get("peak_rss_mib_per_rank", []))

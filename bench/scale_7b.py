@@ -196,7 +196,8 @@ def export_beside_baselines(ckpt: Path, work: Path, measured) -> dict:
               "max_shard_size='2GB', safe_serialization=True)")  # fmt: skip
     # it loads every rank's frozen fragments whole (13.5 GB at 7B), then joins each parameter's:
     # it may not fit in RAM (a swap file lets it finish; the swap it used is recorded)
-    deepspeed = measured([sys.executable, "-c", script], z2f, sync=True, may_fail=True)
+    limit = ["timeout", "1200"]  # swapping can take it past any useful time: exit 124 then
+    deepspeed = measured([*limit, sys.executable, "-c", script], z2f, sync=True, may_fail=True)
     shutil.rmtree(z2f, ignore_errors=True)
     for r in (plain, ours, deepspeed):
         if r.get("exit_code", 0) == 0:
