@@ -138,7 +138,7 @@ class TrainingRun:
         self.start = self.load_checkpoint()
         self.open_logs()
         models = [self.engine.module] + ([] if self.teacher is None else [self.teacher.module])
-        self.gathered = GatheredPeak(models)  # sampled in steps and eval loss; summary.json has it
+        self.gathered = GatheredPeak(models)  # the first steps and evals; summary.json
         release_freed_memory()  # what loading the model and data read and let go
 
     def find_resume_point(self) -> ResumePoint | None:
@@ -343,7 +343,7 @@ class TrainingRun:
         self.engine.train()
         for step in range(self.start, self.total_steps):
             done = step + 1
-            with self.gathered.sampling():
+            with self.gathered.sampling("step"):
                 loss, seconds = self.train_step(step)
             skipped = self.skips.update(done, self.engine.was_step_applied(), loss)
             self.log_step(done, loss, seconds, skipped)
@@ -441,7 +441,7 @@ class TrainingRun:
         task metric from greedy answers, plus a few of them in TensorBoard's text tab."""
         assert self.corpus.eval is not None
         ev = self.exp.eval
-        with self.gathered.sampling():
+        with self.gathered.sampling("eval"):
             self.eval_loss = evaluate(self.engine, self.corpus.eval, ev.batch_size)
         ppl = math.exp(min(self.eval_loss, 50))
         self.monitor.scalars(done, {"eval/loss": self.eval_loss, "eval/perplexity": ppl})

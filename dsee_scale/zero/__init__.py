@@ -25,6 +25,7 @@ transformers 5.x:
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -62,15 +63,17 @@ class GatheredPeak:
     recomputed forwards included), the moment ZeRO-3 still holds that module's parameters
     beside any it prefetched or kept live (stage3_max_live_parameters) and the persistent small
     ones. Memory beyond the partitions that is not gathered parameters (activations, buffers,
-    the allocator's) is not in it. One pass over the parameters' status per module call: the
+    the allocator's) is not in it. It costs one pass over the parameters' status per module
+    call, so only the first `first` uses of each kind are sampled: once DeepSpeed's trace is
+    complete (the second step) every step gathers alike, and later steps pay nothing. The
     trainer samples its training steps and held-out loss, not generation."""
 
-    def __init__(self, models: Sequence[nn.Module]):
+    def __init__(self, models: Sequence[nn.Module], first: int = 3):
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         self.gone = ZeroParamStatus.NOT_AVAILABLE
         self.params: list[Any] = [p for m in models for p in m.parameters() if is_partitioned(p)]
-        self.peak = 0
+        self.peak, self.first, self.uses = 0, first, Counter[str]()
 
     def held(self) -> int:
         """Bytes of the parameters gathered (or in flight) right now."""
@@ -80,7 +83,12 @@ class GatheredPeak:
         self.peak = max(self.peak, self.held())
 
     @contextlib.contextmanager
-    def sampling(self) -> Iterator[None]:
+    def sampling(self, kind: str) -> Iterator[None]:
+        """Sample the forwards inside, the first `first` times for this kind of work."""
+        self.uses[kind] += 1
+        if self.uses[kind] > self.first:
+            yield
+            return
         handle = torch.nn.modules.module.register_module_forward_hook(self._sample)
         try:
             yield
