@@ -271,6 +271,9 @@ def main() -> None:
             gathered = [m.get("mem/peak_gathered_params_mb") for m in memory]
             if gathered and None not in gathered:  # whole parameters held at once (steps, eval loss)
                 result["peak_gathered_params_mib_per_rank"] = gathered
+            stages = run_summary.get("memory_by_stage_mb")
+            if stages:  # resident and high-water RSS after each stage (model, engine, steps, ...)
+                result["memory_by_stage_mib_per_rank"] = stages
         return result
 
     def measured(cmd: list[str], out: Path, sync: bool = False, may_fail: bool = False) -> dict:

@@ -194,6 +194,52 @@ def test_summary_reports_the_gathered_parameters_and_they_follow_the_live_budget
         assert loose[rank] <= whole, (loose, whole)
 
 
+def test_summary_splits_each_ranks_memory_by_stage(runs):
+    """summary.json's memory_by_stage_mb: per rank, the stages of the run in order, each with
+    what the rank held then and its peak so far; the peak never falls and ends at the rank's
+    reported peak."""
+    default, _ = runs.get("llama-2", "llama", 2)
+    summary = json.loads((default / "summary.json").read_text())
+    stages = summary["memory_by_stage_mb"]
+    assert len(stages) == 2
+    for rank, mine in enumerate(stages):
+        assert list(mine)[:5] == ["start", "model", "data", "engine", "setup"], mine
+        assert "first step" in mine and "checkpoint" in mine
+        peaks = [s["peak_mb"] for s in mine.values()]
+        assert peaks == sorted(peaks), mine
+        assert all(s["resident_mb"] <= s["peak_mb"] + 1 for s in mine.values()), mine
+        assert peaks[-1] <= summary["peak_rss_mb_per_rank"][rank] + 1
+
+
+def test_stage_memory_follows_what_a_stage_allocates():
+    """mark_stage against a known allocation: 256 MiB touched shows in resident and peak; freed,
+    resident falls back while the peak stays."""
+    import subprocess
+    import sys
+
+    code = """
+import json, torch
+from dsee_scale.training.monitor import mark_stage, release_freed_memory, stage_memory
+mark_stage("before")
+t = torch.ones(64 * 2**20)  # 256 MiB, every page written
+mark_stage("held")
+del t
+release_freed_memory()
+mark_stage("freed")
+mark_stage("before", once=True)  # keeps its first record
+print(json.dumps(stage_memory()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    s = json.loads(out.stdout.splitlines()[-1])
+    assert list(s) == ["before", "held", "freed"]
+    assert 240 < s["held"]["resident_mb"] - s["before"]["resident_mb"] < 300, s
+    # the peak is a high-water mark: imports may already have pushed it above "before"'s resident
+    assert s["held"]["peak_mb"] >= s["held"]["resident_mb"] - 1, s
+    assert s["held"]["peak_mb"] >= s["before"]["peak_mb"], s
+    assert s["held"]["resident_mb"] - s["freed"]["resident_mb"] > 200, s
+    assert s["freed"]["peak_mb"] >= s["held"]["peak_mb"], s
+
+
 def test_memory_freed_between_stages_goes_back_to_the_os():
     """glibc keeps freed chunks under its mmap threshold resident (what a stage that reads and
     drops one block after another leaves behind); release_freed_memory hands them back."""

@@ -540,13 +540,14 @@ def pruned_experiment(exp: ExperimentConfig, cm: CheckpointModel, config: Any) -
 def prepare(exp: ExperimentConfig, from_dir: str, rank: int):
     """Score and decide (the same on every rank, checked); returns (the pruned experiment to
     re-tune, a builder for trainer.run, a summary for prune_plan.json)."""
-    from ..training.monitor import release_freed_memory
+    from ..training.monitor import mark_stage, release_freed_memory
 
     pc = exp.prune
     if pc is None:
         raise ConfigError("prune: the experiment has no prune section")
     cm = CheckpointModel(from_dir)
     decision = decide(exp, cm, pc)
+    mark_stage("scores")  # the blocks read and scored, the plan or threshold decided
     release_freed_memory()  # the blocks read and scored
     d = digest(decision.summary["decision"])
     if len(set(comm.all_gather_objects(d))) != 1:

@@ -32,6 +32,32 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resident_mb() -> float:
+    """Resident set size of this process now (MiB)."""
+    import psutil  # a DeepSpeed dependency
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+# stage -> {"resident_mb", "peak_mb"} of this process at that stage's end (see mark_stage)
+_STAGES: dict[str, dict[str, float]] = {}
+
+
+def mark_stage(stage: str, once: bool = False) -> None:
+    """Record what this process holds as `stage` ends: resident now, and the peak so far. The
+    peak only grows, so the first stage whose peak is the final one is where a rank's peak was
+    reached, and "resident" shows what each stage leaves held (summary.json:
+    memory_by_stage_mb). A stage marked again (every step, every eval) keeps its place and its
+    last record; with `once`, its first record."""
+    if once and stage in _STAGES:
+        return
+    _STAGES[stage] = {"resident_mb": round(resident_mb(), 1), "peak_mb": round(rss_mb(), 1)}
+
+
+def stage_memory() -> dict[str, dict[str, float]]:
+    return dict(_STAGES)
+
+
 class Monitor:
     """TensorBoard + tqdm on rank 0. A resumed run (start_step > 0) purges what an earlier
     attempt logged after that step, so every step appears once (SummaryWriter's purge_step)."""

@@ -49,7 +49,7 @@ from .engine import (
     trainable_count,
 )
 from .evaluate import dsee_histograms, evaluate, generation_eval, samples_markdown
-from .monitor import Monitor, memory_scalars, progress_bar, release_freed_memory
+from .monitor import Monitor, mark_stage, memory_scalars, progress_bar, release_freed_memory, stage_memory
 from .nonfinite import Skips, backward_loss
 
 # build(exp, ds_config, rank, world) -> (model with DSEE injected, supports): a custom way to
@@ -77,6 +77,7 @@ def start_process_group(exp: ExperimentConfig) -> tuple[int, int]:
         torch.set_num_threads(threads)
     torch.manual_seed(exp.train.seed)
     random.seed(exp.train.seed)
+    mark_stage("start", once=True)  # imports and the process group (called twice by the prune stage)
     return rank, world
 
 
@@ -129,10 +130,14 @@ class TrainingRun:
         self.reference_base = references_base(exp.checkpoint.frozen_base, exp.model, custom)
         self.base: BaseRecord | None = None
         self.model, self.supports, self.inject_s = self.build_model()
+        mark_stage("model")  # partitions (the pruned fill, for a pruned re-tune), DSEE injected
         if self.teacher_builder is not None:
             self.create_teacher()
+            mark_stage("teacher")
         self.corpus = self.load_data()
+        mark_stage("data")
         self.create_engine()
+        mark_stage("engine")  # optimizer state, DeepSpeed's buffers
         if self.gradient_pending:
             self.choose_gradient_supports()
         self.start = self.load_checkpoint()
@@ -140,6 +145,7 @@ class TrainingRun:
         models = [self.engine.module] + ([] if self.teacher is None else [self.teacher.module])
         self.gathered = GatheredPeak(models)  # the first steps and evals; summary.json
         release_freed_memory()  # what loading the model and data read and let go
+        mark_stage("setup")
 
     def find_resume_point(self) -> ResumePoint | None:
         root = fmt.checkpoints_dir(self.exp.output_dir)
@@ -345,6 +351,7 @@ class TrainingRun:
             done = step + 1
             with self.gathered.sampling("step"):
                 loss, seconds = self.train_step(step)
+            mark_stage("first step" if step == self.start else "steps")
             skipped = self.skips.update(done, self.engine.was_step_applied(), loss)
             self.log_step(done, loss, seconds, skipped)
             exit_after_step(done)
@@ -357,6 +364,7 @@ class TrainingRun:
                 dsee_histograms(self.engine.module, self.monitor, done)
             if self.corpus.eval is not None and (done % exp.eval.every == 0 or done == self.total_steps):
                 self.run_eval(done)
+                mark_stage("eval")
             stop_here = t.stop_at_step is not None and done >= t.stop_at_step
             # no scheduled checkpoint of a skipped step (the last good one stays `latest`); the
             # final one is written anyway: its state is the last good one's
@@ -365,6 +373,7 @@ class TrainingRun:
                     self.engine, exp, done, self.world, self.supports, self.rank, self.base_record()
                 )
                 self.last_good = str(saved)
+                mark_stage("checkpoint")
             self.summary.update(
                 final_step=done,
                 final_loss=loss if math.isfinite(loss) else None,
@@ -461,6 +470,7 @@ class TrainingRun:
         memory = comm.all_gather_objects(mine)  # per rank: RSS, accelerator memory, gathered parameters
         self.summary["peak_rss_mb_per_rank"] = [m["mem/rss_mb"] for m in memory]
         self.summary["peak_memory_mb_per_rank"] = memory
+        self.summary["memory_by_stage_mb"] = comm.all_gather_objects(stage_memory())  # per rank
         self.monitor.close()
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
