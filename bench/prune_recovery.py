@@ -117,9 +117,12 @@ def ppl(run_dir: Path) -> float:
 
 def tune(args) -> dict:
     runs = done_runs()
-    if "tuned" in runs:
-        return runs["tuned"]
     out = WORK / "tuned"
+    recorded = runs.get("tuned")
+    if recorded is not None and (out / "checkpoints").is_dir():
+        return recorded
+    if recorded is not None:
+        print(f"{out} is gone (a fresh machine?): tuning it again, as recorded", flush=True)
     if out.exists():
         shutil.rmtree(out)  # an unfinished attempt
     seconds = launch(
@@ -133,6 +136,14 @@ def tune(args) -> dict:
         ],
     )
     row = {"name": "tuned", "ppl": ppl(out), "seconds": seconds, "dir": str(out), "steps": args.tune_steps}
+    if recorded is not None:  # the recorded prune runs were cut from that model: it must be the same
+        if abs(row["ppl"] - recorded["ppl"]) > 1e-4 * recorded["ppl"] or row["steps"] != recorded["steps"]:
+            sys.exit(
+                f"error: the re-tuned model (ppl {row['ppl']:.4f}, {row['steps']} steps) is not the "
+                f"recorded one (ppl {recorded['ppl']:.4f}, {recorded['steps']} steps): move {RUNS} "
+                "aside to start the comparison over"
+            )
+        return recorded
     record(row)
     return row
 
