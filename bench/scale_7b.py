@@ -122,6 +122,25 @@ def time_supports(n: int, rounds: int) -> dict:
     return out
 
 
+def matmul_speed(n: int, threads: int) -> dict:
+    """GFLOP/s of one 256 x n @ n x n product per dtype with a rank's share of the cores: the
+    engine phases' time is nearly all such products in bf16, and CPUs without bf16 instructions
+    (AVX2 only) run them several times slower than float32, so phase times only compare
+    between hosts with this figure beside them."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(256, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        x @ w.T  # warm up
+        t0 = time.perf_counter()
+        x @ w.T
+        seconds = time.perf_counter() - t0
+        out[f"{str(dtype).removeprefix('torch.')}_gflops"] = 2 * 256 * n * n / seconds / 1e9
+    return out
+
+
 class Sampler:
     """The peaks of the summed RSS and PSS of a process and all its descendants, sampled every
     0.5 s. RSS counts a page every process maps (the model's memory-mapped files, DeepSpeed's
@@ -304,6 +323,8 @@ def main() -> None:
             return
         print(f"== {key}", flush=True)
         done[key] = fn()
+        if engine_phase:
+            done[key]["host_matmul"] = host
         if engine_phase and args.max_live is not None:
             done[key]["stage3_max_live_parameters"] = args.max_live
         if engine_phase and args.max_reuse is not None:
@@ -318,6 +339,12 @@ def main() -> None:
         return {**info, "seconds": time.perf_counter() - t0, "bytes_written": du(base)}
 
     phase("base", make_base)
+    host = matmul_speed(h, max(1, (os.cpu_count() or 1) // args.ranks))
+    print(f"host: {host}", flush=True)
+    if "parameters" in done.get("base", {}):  # forward, recomputation, input gradients: ~6 P per token
+        step = 6 * done["base"]["parameters"] * 256 / (host["bfloat16_gflops"] * 1e9)
+        print(f"a training step's products alone take about {step / 60:.0f} min per rank on this host",
+              flush=True)  # fmt: skip
     phase("support", lambda: time_supports(h, args.grebsmo_rounds))
     tuned = work / ("tuned" + suffix)
     phase("train", lambda: launch("train.py", tuned, "train.max_steps=3", "checkpoint.every=3"))
