@@ -67,6 +67,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SHM_BUFFERS = "deepspeed_allreduce_buffer_*"  # DeepSpeed's CPU all-reduce: ..._{uid}_{addr}_{port}_{rank}
+
+
+def shm_buffers() -> set[Path]:
+    return set(Path("/dev/shm").glob(SHM_BUFFERS))
+
+
+def leaked_shm_buffers(before: set[Path]) -> set[Path]:
+    """DeepSpeed shared-memory buffers made since `before` that no live run owns. Tests run two at
+    a time (pytest-xdist), so another test's run may hold one for the seconds between making it and
+    dsee_scale.zero.comm unlinking it; while a run lives, its rank 0 listens on the port in the
+    name. A finished run's port has no listener, so its leftover buffer is reported."""
+    leaked = set()
+    for path in shm_buffers() - before:
+        port = int(path.name.split("_")[-2])
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT socket is no owner
+            try:
+                s.bind(("", port))
+            except OSError:  # a live run listens there
+                continue
+        leaked.add(path)
+    return leaked
+
+
 def save_tiny_model(root: Path, kind: str, **kw) -> Path:
     """A tiny random GPT-2 / LLaMA with a 256-id vocabulary (byte tokens), saved to a dir, so
     every process of a test (and the plain reference) starts from the same weights."""

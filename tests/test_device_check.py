@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, free_port
+from helpers import ROOT, free_port, leaked_shm_buffers, shm_buffers
 
 SCRIPT = ROOT / "scripts" / "device_check.sh"
 
@@ -24,13 +24,12 @@ def run(tmp_path, *args, env=None):
 
 def test_the_dry_run_passes_every_step_and_writes_its_figures(tmp_path):
     pytest.importorskip("peft")
-    from pathlib import Path
 
-    shm = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    shm = shm_buffers()
     r = run(tmp_path, "--models", "smollm2-135m")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # its `deepspeed --num_gpus 1` runs leave none of DeepSpeed's shared-memory buffers behind
-    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm
+    assert not leaked_shm_buffers(shm)
     res = json.loads((tmp_path / "results" / "device_check_cpu_dry.json").read_text())
     steps = res["steps"]
     assert list(steps) == ["device-tests", *(f"smollm2-135m/{s}" for s in (

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,9 @@ from helpers import (
     ROOT,
     check,
     launch,
+    leaked_shm_buffers,
     save_chat_model,
+    shm_buffers,
     tiny_gpt2,
     tiny_llama,
     write_config,
@@ -243,9 +244,9 @@ def test_chat_tuning_logs_the_task_metric_and_generate_from_checkpoint_equals_ex
               "block_size": 64, "max_train_blocks": None, "max_eval_blocks": None},
         eval={"every": 3, "batch_size": 2, "generate": 4, "max_new_tokens": 6, "show": 2},
     )  # fmt: skip
-    shm = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    shm = shm_buffers()
     check(launch(config, 2))
-    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm  # DeepSpeed's buffers released
+    assert not leaked_shm_buffers(shm)  # DeepSpeed's buffers released
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["eval_task"]) == {"exact_match", "chrf"}
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0}).Reload()
