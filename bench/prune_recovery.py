@@ -1,7 +1,7 @@
 """Pruned models people would deploy (#16): SmolLM2-135M tuned with DSEE, pruned, recovered.
 
     python bench/prune_recovery.py [--tune-steps 100] [--recover-steps 40] [--seeds 0,1,2]
-                                   [--eval-blocks 48] [--report-only]
+                                   [--eval-blocks 48] [--only sparsegpt@50%,...] [--report-only]
 
 Everything runs as a user runs it, through the launchers on one rank (ZeRO-3, fp32):
 1. tune: `launchers/train.py --config configs/smollm2-python-code.yaml` (DSEE r=8, N=64 on q,v);
@@ -272,13 +272,22 @@ def main() -> None:
     ap.add_argument("--recover-steps", type=int, default=40)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--eval-blocks", type=int, default=48)
+    ap.add_argument("--only", default="", help="comma-separated configurations to run, as the summary names "
+                    "them (sparsegpt@50%%, wanda@50%%+kd, taylor@structured, ...); default: all")  # fmt: skip
     ap.add_argument("--report-only", action="store_true", help="summarize the recorded runs, run nothing")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    only = {c for c in args.only.split(",") if c}
+    known = {name + ("+kd" if distill else "") for name, _, _, distill in jobs([0])}
+    if only - known:
+        bad, allowed = ", ".join(sorted(only - known)), ", ".join(sorted(known))
+        print(f"error: --only: unknown {bad}; allowed: {allowed}", file=sys.stderr)
+        sys.exit(2)
     if not args.report_only:
         tune(args)
-        for job in jobs(seeds):  # most informative first, so an interrupted bench has whole comparisons
-            prune_run(args, *job)
+        for name, overrides, seed, distill in jobs(seeds):  # most informative first
+            if not only or name + ("+kd" if distill else "") in only:
+                prune_run(args, name, overrides, seed, distill)
             runs = done_runs()
             structured = {n: Path(r["dir"]) for n, r in runs.items() if "@structured+kd@seed0" in n}
             if len(structured) == len(STRUCTURED) and SPEED not in runs:
