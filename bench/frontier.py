@@ -3,9 +3,15 @@
     python bench/frontier.py                 # run what is missing, then write frontier.json
     python bench/frontier.py --report-only   # only (re)write bench/results/frontier.json
     python bench/frontier.py --cells stdlib:qv --seeds 0 --steps 4   # a smoke run
+    python bench/frontier.py --cells stdlib:qv --precision fp32 --lr-from bf16 \
+        --configs lora:4,dsee:2+2,lora:16,dsee:8+8    # fp32 training at bf16's best lrs
 
-Model: SmolLM2-135M-Instruct (fp32 weights; training forward under bf16 autocast, fp32 AdamW
-state; evaluation in fp32). Corpora (cells = corpus x target set):
+Model: SmolLM2-135M-Instruct (fp32 weights, fp32 AdamW state, evaluation in fp32). --precision:
+the training forward under bf16 autocast (bf16, the default: fast on a CPU with AMX or on a
+GPU) or in plain fp32 (fp32: on an AVX2-only CPU, bf16 matmuls are emulated and a step is
+about 25x slower than fp32). Runs of the two precisions are kept apart (in the run key and
+as separate cells of the summary, "stdlib:qv fp32"), never averaged or paired together.
+Corpora (cells = corpus x target set):
   stdlib   Python standard-library source, split by module (bench/common.stdlib_corpus)
   man      this machine's manual pages rendered to text, split by page (common.manpages_corpus)
 Target sets: qv = q_proj, v_proj; all = the seven linear layers of every block.
@@ -16,6 +22,9 @@ Methods at equal trainable parameters (alpha = 2r everywhere, the same scale):
                    targets, so DSEE r+k has LoRA (r + k)'s trainable count (to rounding).
 Learning rate: every configuration of every cell is swept over --lrs at seed 0, the sweep
 extended past an end while the best lr sits at that end; its other seeds run at its best lr.
+--lr-from bf16 (with --precision fp32) skips the sweep: each configuration runs every seed at
+the best lr of its recorded bf16 sweep (the summary says so: "lr from the bf16 sweep").
+--configs runs a subset (lora:R, dsee:R+K from the grid below).
 Seeds: each seed changes the adapter initialisation and the data order (the same order for
 every method at that seed). GreBsmo's support is computed once per cell from the frozen W with
 DSEEConfig.seed 0 (it depends on W, not on the training seed).
@@ -23,7 +32,7 @@ Comparison: DSEE r+k against LoRA r+k, per held-out block and seed (paired): the
 difference of the block's mean token loss, a two-level bootstrap (seeds, then blocks) 95%
 interval, and the perplexity ratio exp(difference).
 Every run is appended to bench/results/frontier_runs.jsonl as it finishes; a rerun skips runs
-already there (same cell, method, ranks, lr, seed, steps, batch), so the bench can be stopped
+already there (same cell, method, ranks, lr, seed, steps, batch, precision), so the bench can be stopped
 and resumed.
 """
 
@@ -35,6 +44,7 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -64,8 +74,27 @@ SUPPORT_CACHE = Path.home() / ".cache" / "dsee_scale"
 SUPPORTS: dict[str, dict] = {}  # target set -> {density: {matrix: Omega}}
 
 
+PRECISIONS = ("bf16", "fp32")
+
+
+def usage_error(message: str):
+    """A bad argument: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_key(run: dict) -> tuple:
-    return tuple(run[k] for k in ("cell", "method", "r", "k", "lr", "seed", "steps", "batch"))
+    """Runs recorded before --precision existed were all bf16-autocast runs."""
+    keys = ("cell", "method", "r", "k", "lr", "seed", "steps", "batch")
+    return (*(run[k] for k in keys), run.get("precision", "bf16"))
+
+
+def all_configs(lora_ranks: list[int]) -> list[tuple[str, int, int]]:
+    return [("lora", r, 0) for r in lora_ranks] + [("dsee", r, k) for r, k in DSEE_GRID]
+
+
+def config_name(c: tuple[str, int, int]) -> str:
+    return f"lora:{c[1]}" if c[0] == "lora" else f"dsee:{c[1]}+{c[2]}"
 
 
 def done_runs() -> dict[tuple, dict]:
@@ -171,7 +200,8 @@ class Cell:
 
     def run(self, method: str, r: int, k: int, lr: float, seed: int, done: dict) -> dict:
         a = self.args
-        spec = dict(cell=self.name, method=method, r=r, k=k, lr=lr, seed=seed, steps=a.steps, batch=a.batch)
+        spec = dict(cell=self.name, method=method, r=r, k=k, lr=lr, seed=seed, steps=a.steps, batch=a.batch,
+                    precision=a.precision)  # fmt: skip
         if run_key(spec) in done:
             return done[run_key(spec)]
         model = copy.deepcopy(self.base)
@@ -181,10 +211,12 @@ class Cell:
         t0 = time.perf_counter()
         model = prepare(model, method, r, k, self.targets, seed, sup)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        t = tune(model, self.batches(seed), a.steps, lr, bf16_autocast=True) if a.steps else {"losses": []}
+        bf16 = a.precision == "bf16"
+        t = tune(model, self.batches(seed), a.steps, lr, bf16_autocast=bf16) if a.steps else {"losses": []}
         losses = block_losses(model, self.eval_ids)
         run = dict(
             spec,
+            lr_from=a.lr_from,
             trainable=trainable,
             density=density_for(self.base, self.targets, k) if method == "dsee" else 0.0,
             eval_loss=statistics.fmean(losses),
@@ -198,8 +230,8 @@ class Cell:
         done[run_key(run)] = run
         label = f"LoRA r={r}" if method == "lora" else f"DSEE {r}+{k}"
         print(
-            f"[{self.name}] {label} lr {lr:g} seed {seed}: {trainable:,} trainable, held-out ppl "
-            f"{run['heldout_perplexity']:.4f} ({run['seconds']:.0f}s)",
+            f"[{self.name} {a.precision}] {label} lr {lr:g} seed {seed}: {trainable:,} trainable, "
+            f"held-out ppl {run['heldout_perplexity']:.4f} ({run['seconds']:.0f}s)",
             flush=True,
         )
         del model
@@ -219,14 +251,33 @@ class Cell:
             loss[nxt] = self.run(method, r, k, nxt, 0, done)["eval_loss"]
         return min(loss, key=loss.get)
 
+    def recorded_best_lr(self, c: tuple[str, int, int], precision: str, done: dict) -> float:
+        """The best lr of c's recorded seed-0 sweep at `precision` (for --lr-from)."""
+        a = self.args
+        sweep = {
+            run["lr"]: run["eval_loss"]
+            for key, run in done.items()
+            if key == (self.name, *c, run["lr"], 0, a.steps, a.batch, precision)
+        }
+        if not sweep:
+            usage_error(
+                f"--lr-from {precision}: no recorded {precision} sweep of {config_name(c)} in "
+                f"{self.name} at {a.steps} steps x batch {a.batch} (run it with --precision {precision})"
+            )
+        return min(sweep, key=sweep.get)
+
     def all_runs(self, done: dict) -> None:
-        configs = [("lora", r, 0) for r in self.args.lora_ranks] + [("dsee", r, k) for r, k in DSEE_GRID]
+        a = self.args
         best = {}
-        for c in configs:  # every configuration at its own best lr (seed 0), then the other seeds
-            best[c] = self.best_lr(*c, done)
-            print(f"[{self.name}] {c}: best lr {best[c]:g}", flush=True)
-        for seed in self.args.seeds:
-            for c in configs:
+        for c in a.configs:  # every configuration at its own best lr (seed 0), then the other seeds
+            if a.lr_from == "sweep":
+                best[c] = self.best_lr(*c, done)
+            else:
+                best[c] = self.recorded_best_lr(c, a.lr_from, done)
+            print(f"[{self.name} {a.precision}] {config_name(c)}: best lr {best[c]:g} ({a.lr_from})",
+                  flush=True)  # fmt: skip
+        for seed in a.seeds:
+            for c in a.configs:
                 self.run(c[0], c[1], c[2], best[c], seed, done)
 
 
@@ -281,46 +332,56 @@ def paired(a: list[dict], b: list[dict], reps: int = 4000) -> dict:
 
 
 def summarize(runs: list[dict], cells: list[str], seeds: list[int]) -> dict:
+    """One summary per cell and training precision: "stdlib:qv" (bf16) and "stdlib:qv fp32"."""
     out: dict = {}
     for cell in cells:
-        rs = [r for r in runs if r["cell"] == cell]
-        if not rs:
-            continue
-        base = next((r for r in rs if r["method"] == "base"), None)
-        sweep: dict[tuple, dict] = {}  # (method, r, k) -> lr -> perplexity at seed 0
-        for x in rs:
-            if x["method"] != "base" and x["seed"] == 0:
-                sweep.setdefault((x["method"], x["r"], x["k"]), {})[x["lr"]] = x["heldout_perplexity"]
-        best = {c: min(v, key=v.get) for c, v in sweep.items()}
-        points = []
-        groups: dict[tuple, list[dict]] = {}
-        for x in rs:
-            c = (x["method"], x["r"], x["k"])
-            if x["method"] != "base" and x["lr"] == best[c] and x["seed"] in seeds:
-                groups.setdefault(c, []).append(x)
-        for (method, r, k), g in sorted(groups.items()):
-            ppl = [x["heldout_perplexity"] for x in g]
-            label = f"LoRA r={r}" if method == "lora" else f"DSEE {r}+{k}"
-            points.append({
-                "method": method, "r": r, "k": k, "label": label,
-                "trainable": g[0]["trainable"], "density": g[0]["density"], "lr": g[0]["lr"],
-                "lr_sweep": dict(sorted(sweep[(method, r, k)].items())),
-                "lr_bracketed": min(sweep[(method, r, k)]) < g[0]["lr"] < max(sweep[(method, r, k)]),
-                "seeds": sorted(x["seed"] for x in g), "perplexity_mean": statistics.fmean(ppl),
-                "perplexity_sd": statistics.stdev(ppl) if len(ppl) > 1 else None,
-                "seconds_mean": statistics.fmean(x["seconds"] for x in g),
-            })  # fmt: skip
-        comparisons = []
-        for (method, r, k), g in sorted(groups.items()):
-            if method == "dsee" and ("lora", r + k, 0) in groups:
-                c = paired(g, groups[("lora", r + k, 0)])
-                comparisons.append({"dsee": f"DSEE {r}+{k}", "lora": f"LoRA r={r + k}", **c})
-        out[cell] = {
-            "base_perplexity": base["heldout_perplexity"] if base else None,
-            "points": points,
-            "paired": comparisons,
-        }
+        for precision in PRECISIONS:
+            s = summarize_cell([r for r in runs if r["cell"] == cell], precision, seeds)
+            if s:
+                out[cell if precision == "bf16" else f"{cell} {precision}"] = s
     return out
+
+
+def summarize_cell(all_rs: list[dict], precision: str, seeds: list[int]) -> dict | None:
+    base = next((r for r in all_rs if r["method"] == "base"), None)
+    rs = [r for r in all_rs if r["method"] != "base" and r.get("precision", "bf16") == precision]
+    if not rs:
+        return None
+    sweep: dict[tuple, dict] = {}  # (method, r, k) -> lr -> perplexity at seed 0
+    for x in rs:
+        if x["seed"] == 0:
+            sweep.setdefault((x["method"], x["r"], x["k"]), {})[x["lr"]] = x["heldout_perplexity"]
+    best = {c: min(v, key=v.get) for c, v in sweep.items()}
+    points = []
+    groups: dict[tuple, list[dict]] = {}
+    for x in rs:
+        c = (x["method"], x["r"], x["k"])
+        if x["lr"] == best[c] and x["seed"] in seeds:
+            groups.setdefault(c, []).append(x)
+    for (method, r, k), g in sorted(groups.items()):
+        ppl = [x["heldout_perplexity"] for x in g]
+        label = f"LoRA r={r}" if method == "lora" else f"DSEE {r}+{k}"
+        points.append({
+            "method": method, "r": r, "k": k, "label": label,
+            "trainable": g[0]["trainable"], "density": g[0]["density"], "lr": g[0]["lr"],
+            "lr_sweep": dict(sorted(sweep[(method, r, k)].items())),
+            "lr_bracketed": min(sweep[(method, r, k)]) < g[0]["lr"] < max(sweep[(method, r, k)]),
+            "lr_from": g[0].get("lr_from", "sweep"),
+            "seeds": sorted(x["seed"] for x in g), "perplexity_mean": statistics.fmean(ppl),
+            "perplexity_sd": statistics.stdev(ppl) if len(ppl) > 1 else None,
+            "seconds_mean": statistics.fmean(x["seconds"] for x in g),
+        })  # fmt: skip
+    comparisons = []
+    for (method, r, k), g in sorted(groups.items()):
+        if method == "dsee" and ("lora", r + k, 0) in groups:
+            c = paired(g, groups[("lora", r + k, 0)])
+            comparisons.append({"dsee": f"DSEE {r}+{k}", "lora": f"LoRA r={r + k}", **c})
+    return {
+        "precision": precision,
+        "base_perplexity": base["heldout_perplexity"] if base else None,
+        "points": points,
+        "paired": comparisons,
+    }
 
 
 def main() -> None:
@@ -332,15 +393,27 @@ def main() -> None:
     ap.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     ap.add_argument("--lora-ranks", default="2,4,8,16,32")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="the training forward")
+    ap.add_argument("--configs", default="", help="a subset, e.g. lora:4,dsee:2+2 (default: all)")
+    ap.add_argument("--lr-from", choices=("sweep", *PRECISIONS), default="sweep",
+                    help="sweep here, or the best lr of that precision's recorded sweep")  # fmt: skip
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     args.lrs = [float(x) for x in args.lrs.split(",")]
     args.lora_ranks = [int(x) for x in args.lora_ranks.split(",")]
     args.seeds = [int(x) for x in args.seeds.split(",")]
+    known = {config_name(c): c for c in all_configs(args.lora_ranks)}
+    wanted = [x for x in args.configs.split(",") if x]
+    unknown = [x for x in wanted if x not in known]
+    if unknown:
+        usage_error(f"--configs: unknown {', '.join(unknown)} (allowed: {', '.join(known)})")
+    args.configs = [known[x] for x in wanted] or list(known.values())
+    if args.lr_from == args.precision:
+        usage_error(f"--lr-from {args.lr_from}: that is --precision itself (use sweep)")
     cells = args.cells.split(",")
     bad = [c for c in cells if c.split(":")[0] not in CORPORA or c.partition(":")[2] not in TARGET_SETS]
     if bad:
-        raise SystemExit(f"error: --cells: unknown {', '.join(bad)} (corpus:targets, corpus in "
+        usage_error(f"--cells: unknown {', '.join(bad)} (corpus:targets, corpus in "
                          f"{', '.join(CORPORA)}, targets in {', '.join(TARGET_SETS)})")  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     done = done_runs()
@@ -357,7 +430,8 @@ def main() -> None:
     write_result(
         "frontier",
         {
-            "model": "SmolLM2-135M-Instruct (GGUF dequantized to fp32; bf16 autocast in training)",
+            "model": "SmolLM2-135M-Instruct (GGUF dequantized to fp32; training under bf16 autocast, "
+            "or in fp32 in the cells named '... fp32')",
             "steps": args.steps,
             "batch": [args.batch, BLOCK],
             "tokens_per_run": args.steps * args.batch * BLOCK,

@@ -497,11 +497,20 @@ class Report:
             )
         fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), squeeze=False)
         for ax, (name, c) in zip(axes[0], cells.items(), strict=True):
-            self.add(f"### {name} (untuned held-out ppl {c['base_perplexity']:.3f})\n")
+            self.add(
+                f"### {name} ({c.get('precision', 'bf16')} training; untuned held-out ppl "
+                f"{c['base_perplexity']:.3f})\n"
+            )
             rows = []
             for q in c["points"]:
                 sweep = ", ".join(f"{float(lr):g}: {v:.3f}" for lr, v in q["lr_sweep"].items())
-                best = f"{q['lr']:g}" + ("" if q.get("lr_bracketed") else " (sweep not finished)")
+                best = f"{q['lr']:g}" + (
+                    ""
+                    if q.get("lr_bracketed")
+                    else f" (from the {q['lr_from']} sweep)"
+                    if q.get("lr_from", "sweep") != "sweep"
+                    else " (sweep not finished)"
+                )
                 rows.append([q["label"], q["trainable"], f"{100 * q['density']:.2f}%", sweep, best,
                              q["perplexity_mean"], q["perplexity_sd"], len(q["seeds"])])  # fmt: skip
             self.add(table(["config", "trainable", "S density", "lr sweep (seed 0 ppl)", "best lr",

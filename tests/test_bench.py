@@ -115,3 +115,40 @@ def test_bench_bad_arguments_are_one_line_errors():
         "error: --methods: unknown lora_r99 (allowed: base, full, lora_r8, dsee_grebsmo, dsee_svd, "
         "dsee_magnitude, dsee_random, lora_matched)"
     )
+
+
+def test_frontier_keeps_training_precisions_apart(monkeypatch):
+    """fp32 runs are their own cell: never best-lr'd, averaged or paired with bf16 runs, and a
+    record from before --precision existed reads as bf16."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import frontier
+
+    def rec(method, r, k, lr, seed, losses, precision=None):
+        x = dict(cell="stdlib:qv", method=method, r=r, k=k, lr=lr, seed=seed, steps=36, batch=2,
+                 trainable=230400, density=0.0, block_losses=losses, seconds=1.0)  # fmt: skip
+        x["eval_loss"] = sum(losses) / len(losses)
+        x["heldout_perplexity"] = 2.718281828 ** x["eval_loss"]
+        return x if precision is None else dict(x, precision=precision)
+
+    old = rec("lora", 4, 0, 3e-3, 0, [2.0, 2.2])
+    assert frontier.run_key(old) == frontier.run_key(dict(old, precision="bf16"))
+    assert frontier.run_key(old) != frontier.run_key(dict(old, precision="fp32"))
+    runs = [
+        old,
+        rec("dsee", 2, 2, 3e-3, 0, [1.0, 1.2]),  # bf16: DSEE far better
+        rec("lora", 4, 0, 3e-3, 0, [2.1, 2.3], "fp32"),
+        rec("lora", 4, 0, 1e-3, 0, [2.5, 2.5], "fp32"),  # a worse fp32 lr: not the best
+        rec("dsee", 2, 2, 3e-3, 0, [2.15, 2.45], "fp32"),
+    ]
+    s = frontier.summarize(runs, ["stdlib:qv"], [0])
+    assert sorted(s) == ["stdlib:qv", "stdlib:qv fp32"]
+    bf16, fp32 = s["stdlib:qv"]["paired"][0], s["stdlib:qv fp32"]["paired"][0]
+    assert bf16["mean_loss_difference"] == pytest.approx(-1.0)
+    assert fp32["mean_loss_difference"] == pytest.approx(0.1)  # (0.05 + 0.15) / 2, fp32 only
+    lora = next(p for p in s["stdlib:qv fp32"]["points"] if p["method"] == "lora")
+    assert lora["lr"] == 3e-3 and sorted(lora["lr_sweep"]) == [1e-3, 3e-3] and lora["seeds"] == [0]
+    r = run(BENCH / "frontier.py", "--configs", "lora:4,dsee:9+9", "--report-only")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --configs: unknown dsee:9+9 (allowed: lora:2, lora:4, lora:8, lora:16, lora:32, "
+        "dsee:2+2, dsee:1+3, dsee:8+8, dsee:4+12)"
+    )
