@@ -10,6 +10,7 @@ import torch
 
 from dsee_scale import zero
 from dsee_scale.models import ModelConfig, load_model
+from dsee_scale.training.distributed import exit_now
 from dsee_scale.training.engine import load_into_partitions
 from dsee_scale.zero import comm
 
@@ -48,6 +49,7 @@ def main() -> None:
     if rank == 0:
         print("REPORT " + json.dumps({"world": world, **report}), flush=True)
     comm.shutdown()
+    exit_now(0)  # as the launchers leave: no teardown for C++ threads to abort (distributed.py)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 from dsee_scale import zero
 from dsee_scale.experiment import load_experiment
 from dsee_scale.pruning import run
+from dsee_scale.training.distributed import exit_now
 from dsee_scale.training.engine import deepspeed_config
 from dsee_scale.training.trainer import start_process_group
 from dsee_scale.zero import comm
@@ -61,6 +62,7 @@ def main() -> None:
         report = {"world": world, "built": per_rank, "held": held_per_rank, "digest": h.hexdigest()}
         print("REPORT " + json.dumps(report), flush=True)
     comm.shutdown()
+    exit_now(0)  # as the launchers leave: no teardown for C++ threads to abort (distributed.py)
 
 
 if __name__ == "__main__":
