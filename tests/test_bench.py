@@ -61,6 +61,9 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
             assert (
                 f"| {x['dsee']} | {x['lora']} | {x['perplexity_ratio']:,.3f} | [{lo:.4f}, {hi:.4f}] |" in text
             )
+    ran = {name.split()[0] for name in f["cells"]}  # "man:qv fp32" is a run of man:qv
+    missing = [c for c in f["cells_requested"] if c not in ran]
+    assert ran and (f"Not run yet: {', '.join(missing)} (" in text if missing else "Not run yet:" not in text)
     pr = json.loads((results / "prune_recovery.json").read_text())
     for name, c in pr["configs"].items():  # each configuration with its ratio to the dense model
         assert f"| {name} | " in text and f"| {c['ratio_to_dense']:,.3f} | <= " in text, name
