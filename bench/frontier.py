@@ -33,13 +33,16 @@ difference of the block's mean token loss, a two-level bootstrap (seeds, then bl
 interval, and the perplexity ratio exp(difference).
 Every run is appended to bench/results/frontier_runs.jsonl as it finishes; a rerun skips runs
 already there (same cell, method, ranks, lr, seed, steps, batch, precision), so the bench can be stopped
-and resumed.
+and resumed. Each run records its corpus's fingerprint (a hash of its train and held-out token
+ids): the manual pages, and so the man corpus, differ between machines, and a cell whose
+recorded runs used another corpus is refused rather than resumed or paired across corpora.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import random
@@ -173,6 +176,7 @@ class Cell:
         corpus = CORPORA[corpus_name](tok, BLOCK)
         self.eval_ids = corpus.eval.rows(range(min(args.eval_blocks, len(corpus.eval))))["input_ids"]
         self.train = corpus.train
+        self.corpus = corpus_fingerprint(self.eval_ids, self.train)
 
     def batches(self, seed: int) -> list:
         from dsee_scale.data import micro_batch
@@ -204,6 +208,7 @@ class Cell:
                     precision=a.precision)  # fmt: skip
         if run_key(spec) in done:
             return done[run_key(spec)]
+        spec["corpus"] = self.corpus
         model = copy.deepcopy(self.base)
         sup = None
         if method == "dsee":
@@ -281,13 +286,51 @@ class Cell:
                 self.run(c[0], c[1], c[2], best[c], seed, done)
 
 
+def corpus_fingerprint(eval_ids: torch.Tensor, train) -> str:
+    """A hash of a cell's held-out ids and every train block's ids (train: data.Blocks)."""
+    h = hashlib.sha1(eval_ids.numpy().tobytes())
+    for start in range(0, len(train), 4096):
+        h.update(train.rows(range(start, min(start + 4096, len(train))))["input_ids"].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+BASE_SPEC = dict(method="base", r=0, k=0, lr=0.0, seed=0, steps=0, batch=0)
+
+
+def check_corpus(cell: Cell, done: dict) -> None:
+    """Refuse (exit 2) a cell whose recorded runs used another corpus than this machine's. Runs
+    recorded before fingerprints existed are checked by the untuned model's held-out block
+    losses, which are the held-out set's fingerprint."""
+    recorded = {r.get("corpus") for r in done.values() if r["cell"] == cell.name}
+    if not recorded or cell.corpus in recorded:
+        return
+    if recorded - {None}:
+        differ = f"fingerprint {', '.join(sorted(recorded - {None}))} recorded, {cell.corpus} here"
+    else:
+        base = done.get(run_key(dict(BASE_SPEC, cell=cell.name)))
+        if base is None:
+            return
+        losses = block_losses(cell.base, cell.eval_ids)
+        if len(losses) == len(base["block_losses"]) and all(
+            abs(a - b) < 1e-3 for a, b in zip(losses, base["block_losses"])
+        ):
+            return
+        ppl = math.exp(statistics.fmean(losses))
+        differ = f"untuned held-out ppl {ppl:.3f} here, {base['heldout_perplexity']:.3f} recorded"
+    usage_error(
+        f"--cells {cell.name}: this machine's corpus is not the one its runs in {RUNS.name} used "
+        f"({differ}); move that file aside to start a new series here"
+    )
+
+
 def base_run(cell: Cell, done: dict) -> dict:
     """The untuned model on this cell's held-out blocks (steps 0)."""
-    spec = dict(cell=cell.name, method="base", r=0, k=0, lr=0.0, seed=0, steps=0, batch=0)
+    check_corpus(cell, done)
+    spec = dict(BASE_SPEC, cell=cell.name)
     if run_key(spec) in done:
         return done[run_key(spec)]
     losses = block_losses(cell.base, cell.eval_ids)
-    run = dict(spec, trainable=0, density=0.0, eval_loss=statistics.fmean(losses),
+    run = dict(spec, corpus=cell.corpus, trainable=0, density=0.0, eval_loss=statistics.fmean(losses),
                heldout_perplexity=math.exp(statistics.fmean(losses)), block_losses=losses)  # fmt: skip
     with RUNS.open("a") as f:
         f.write(json.dumps(run) + "\n")

@@ -155,3 +155,47 @@ def test_frontier_keeps_training_precisions_apart(monkeypatch):
         "error: --configs: unknown dsee:9+9 (allowed: lora:2, lora:4, lora:8, lora:16, lora:32, "
         "dsee:2+2, dsee:1+3, dsee:8+8, dsee:4+12)"
     )
+
+
+def test_frontier_refuses_runs_recorded_on_another_corpus(monkeypatch, capsys):
+    """The man corpus is this machine's manual pages, so it differs between machines: a cell
+    whose recorded runs used another corpus exits 2 instead of resuming or pairing across
+    corpora; the same corpus passes, and records from before fingerprints are checked by the
+    untuned model's held-out block losses."""
+    import types
+
+    import torch
+
+    from dsee_scale.data import Blocks
+    from helpers import tiny_llama
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import frontier
+
+    model = tiny_llama().eval()
+    g = torch.Generator().manual_seed(0)
+    eval_ids, train_ids = torch.randint(0, 96, (4, 16), generator=g), torch.randint(0, 96, (6, 16), generator=g)
+    cell = types.SimpleNamespace(name="man:qv", base=model, eval_ids=eval_ids,
+                                 corpus=frontier.corpus_fingerprint(eval_ids, Blocks.from_ids(train_ids)))  # fmt: skip
+    one_token_off = train_ids.clone()
+    one_token_off[5, 15] = (one_token_off[5, 15] + 1) % 96
+    assert frontier.corpus_fingerprint(eval_ids, Blocks.from_ids(one_token_off)) != cell.corpus
+    with torch.no_grad():
+        recorded = frontier.block_losses(model, eval_ids)
+    legacy = dict(frontier.BASE_SPEC, cell="man:qv", block_losses=recorded, heldout_perplexity=11.268)
+    with torch.no_grad():
+        frontier.check_corpus(cell, {frontier.run_key(legacy): legacy})  # same held-out set: passes
+        frontier.check_corpus(cell, {"x": dict(legacy, corpus=cell.corpus)})
+        frontier.check_corpus(cell, {"x": dict(legacy, cell="stdlib:qv", corpus="0" * 16)})  # another cell
+    capsys.readouterr()
+    shifted = dict(legacy, block_losses=[x + 0.5 for x in recorded])
+    for done, says in [
+        ({frontier.run_key(shifted): shifted}, "untuned held-out ppl "),
+        ({"x": dict(legacy, corpus="0" * 16)}, f"fingerprint {'0' * 16} recorded, {cell.corpus} here"),
+    ]:
+        with pytest.raises(SystemExit) as e, torch.no_grad():
+            frontier.check_corpus(cell, done)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+        assert err.startswith("error: --cells man:qv: this machine's corpus is not the one its runs in ")
+        assert says in err and "move that file aside" in err
