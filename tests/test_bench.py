@@ -167,6 +167,7 @@ def test_frontier_refuses_runs_recorded_on_another_corpus(monkeypatch, capsys):
     import torch
 
     from dsee_scale.data import Blocks
+
     from helpers import tiny_llama
 
     monkeypatch.syspath_prepend(str(BENCH))
@@ -174,9 +175,10 @@ def test_frontier_refuses_runs_recorded_on_another_corpus(monkeypatch, capsys):
 
     model = tiny_llama().eval()
     g = torch.Generator().manual_seed(0)
-    eval_ids, train_ids = torch.randint(0, 96, (4, 16), generator=g), torch.randint(0, 96, (6, 16), generator=g)
-    cell = types.SimpleNamespace(name="man:qv", base=model, eval_ids=eval_ids,
-                                 corpus=frontier.corpus_fingerprint(eval_ids, Blocks.from_ids(train_ids)))  # fmt: skip
+    eval_ids = torch.randint(0, 96, (4, 16), generator=g)
+    train_ids = torch.randint(0, 96, (6, 16), generator=g)
+    fingerprint = frontier.corpus_fingerprint(eval_ids, Blocks.from_ids(train_ids))
+    cell = types.SimpleNamespace(name="man:qv", base=model, eval_ids=eval_ids, corpus=fingerprint)
     one_token_off = train_ids.clone()
     one_token_off[5, 15] = (one_token_off[5, 15] + 1) % 96
     assert frontier.corpus_fingerprint(eval_ids, Blocks.from_ids(one_token_off)) != cell.corpus
