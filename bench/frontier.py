@@ -409,7 +409,8 @@ def summarize_cell(all_rs: list[dict], precision: str, seeds: list[int]) -> dict
             "trainable": g[0]["trainable"], "density": g[0]["density"], "lr": g[0]["lr"],
             "lr_sweep": dict(sorted(sweep[(method, r, k)].items())),
             "lr_bracketed": min(sweep[(method, r, k)]) < g[0]["lr"] < max(sweep[(method, r, k)]),
-            "lr_from": g[0].get("lr_from", "sweep"),
+            # a run first made at another precision's best lr, later swept here, is the sweep's
+            "lr_from": "sweep" if len(sweep[(method, r, k)]) > 1 else g[0].get("lr_from", "sweep"),
             "seeds": sorted(x["seed"] for x in g), "perplexity_mean": statistics.fmean(ppl),
             "perplexity_sd": statistics.stdev(ppl) if len(ppl) > 1 else None,
             "seconds_mean": statistics.fmean(x["seconds"] for x in g),

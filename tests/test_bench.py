@@ -139,7 +139,7 @@ def test_frontier_keeps_training_precisions_apart(monkeypatch):
     runs = [
         old,
         rec("dsee", 2, 2, 3e-3, 0, [1.0, 1.2]),  # bf16: DSEE far better
-        rec("lora", 4, 0, 3e-3, 0, [2.1, 2.3], "fp32"),
+        dict(rec("lora", 4, 0, 3e-3, 0, [2.1, 2.3], "fp32"), lr_from="bf16"),  # later swept in fp32
         rec("lora", 4, 0, 1e-3, 0, [2.5, 2.5], "fp32"),  # a worse fp32 lr: not the best
         rec("dsee", 2, 2, 3e-3, 0, [2.15, 2.45], "fp32"),
     ]
@@ -150,6 +150,9 @@ def test_frontier_keeps_training_precisions_apart(monkeypatch):
     assert fp32["mean_loss_difference"] == pytest.approx(0.1)  # (0.05 + 0.15) / 2, fp32 only
     lora = next(p for p in s["stdlib:qv fp32"]["points"] if p["method"] == "lora")
     assert lora["lr"] == 3e-3 and sorted(lora["lr_sweep"]) == [1e-3, 3e-3] and lora["seeds"] == [0]
+    assert lora["lr_from"] == "sweep"
+    s = frontier.summarize(runs[:3], ["stdlib:qv"], [0])  # fp32 LoRA only at bf16's lr: says so
+    assert next(p for p in s["stdlib:qv fp32"]["points"] if p["method"] == "lora")["lr_from"] == "bf16"
     r = run(BENCH / "frontier.py", "--configs", "lora:4,dsee:9+9", "--report-only")
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: --configs: unknown dsee:9+9 (allowed: lora:2, lora:4, lora:8, lora:16, lora:32, "
