@@ -484,8 +484,8 @@ class Report:
             f"blocks of {f['eval']['block_size']} tokens. LoRA r in {f['lora_ranks']}; DSEE r+k = rank r "
             "plus a GreBsmo sparse part with the trainable count of k more LoRA ranks "
             f"({', '.join(f['dsee_grid'])}); "
-            f"each configuration at its best lr from {f['lrs']} at seed 0 (extended past an end that "
-            f"wins); seeds {f['seeds']} (initialisation and data "
+            "each configuration at its best lr from a sweep of 3 lrs at seed 0 (extended past an end "
+            f"that wins; each table lists the lrs swept); seeds {f['seeds']} (initialisation and data "
             "order). Paired: DSEE r+k minus LoRA (r+k) per held-out block and seed, two-level "
             "bootstrap 95% interval; a ratio below 1 favours DSEE.\n"
         )  # fmt: skip
