@@ -35,7 +35,9 @@ Every run is appended to bench/results/frontier_runs.jsonl as it finishes; a rer
 already there (same cell, method, ranks, lr, seed, steps, batch, precision), so the bench can be stopped
 and resumed. Each run records its corpus's fingerprint (a hash of its train and held-out token
 ids): the manual pages, and so the man corpus, differ between machines, and a cell whose
-recorded runs used another corpus is refused rather than resumed or paired across corpora.
+recorded runs used another corpus is refused rather than resumed or paired across corpora;
+`--series NAME` starts a separate series (frontier_NAME_runs.jsonl -> frontier_NAME.json), e.g. the
+man cells on another machine's pages.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import statistics
 import sys
 import time
@@ -72,7 +75,6 @@ CORPORA = {"stdlib": stdlib_corpus, "man": manpages_corpus}
 LORA_ANCHOR, DSEE_ANCHOR = 4, (2, 2)
 DSEE_GRID = [(2, 2), (1, 3), (8, 8), (4, 12)]  # (r, k): matched to LoRA 4 and LoRA 16
 BLOCK = 256
-RUNS = RESULTS / "frontier_runs.jsonl"
 SUPPORT_CACHE = Path.home() / ".cache" / "dsee_scale"
 SUPPORTS: dict[str, dict] = {}  # target set -> {density: {matrix: Omega}}
 
@@ -100,10 +102,14 @@ def config_name(c: tuple[str, int, int]) -> str:
     return f"lora:{c[1]}" if c[0] == "lora" else f"dsee:{c[1]}+{c[2]}"
 
 
-def done_runs() -> dict[tuple, dict]:
-    if not RUNS.exists():
+def runs_file(series: str) -> Path:
+    return RESULTS / (f"frontier_{series}_runs.jsonl" if series else "frontier_runs.jsonl")
+
+
+def done_runs(path: Path) -> dict[tuple, dict]:
+    if not path.exists():
         return {}
-    runs = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {run_key(r): r for r in runs}
 
 
@@ -230,7 +236,7 @@ class Cell:
             train_losses=t["losses"],
             seconds=time.perf_counter() - t0,
         )
-        with RUNS.open("a") as f:
+        with a.runs_file.open("a") as f:
             f.write(json.dumps(run) + "\n")
         done[run_key(run)] = run
         label = f"LoRA r={r}" if method == "lora" else f"DSEE {r}+{k}"
@@ -318,8 +324,8 @@ def check_corpus(cell: Cell, done: dict) -> None:
         ppl = math.exp(statistics.fmean(losses))
         differ = f"untuned held-out ppl {ppl:.3f} here, {base['heldout_perplexity']:.3f} recorded"
     usage_error(
-        f"--cells {cell.name}: this machine's corpus is not the one its runs in {RUNS.name} used "
-        f"({differ}); move that file aside to start a new series here"
+        f"--cells {cell.name}: this machine's corpus is not the one its runs in {cell.args.runs_file.name} "
+        f"used ({differ}); start a separate series here with --series NAME"
     )
 
 
@@ -332,7 +338,7 @@ def base_run(cell: Cell, done: dict) -> dict:
     losses = block_losses(cell.base, cell.eval_ids)
     run = dict(spec, corpus=cell.corpus, trainable=0, density=0.0, eval_loss=statistics.fmean(losses),
                heldout_perplexity=math.exp(statistics.fmean(losses)), block_losses=losses)  # fmt: skip
-    with RUNS.open("a") as f:
+    with cell.args.runs_file.open("a") as f:
         f.write(json.dumps(run) + "\n")
     done[run_key(run)] = run
     print(f"[{cell.name}] base: held-out ppl {run['heldout_perplexity']:.4f}", flush=True)
@@ -441,8 +447,12 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="a subset, e.g. lora:4,dsee:2+2 (default: all)")
     ap.add_argument("--lr-from", choices=("sweep", *PRECISIONS), default="sweep",
                     help="sweep here, or the best lr of that precision's recorded sweep")  # fmt: skip
+    ap.add_argument("--series", default="", help="a separate series of runs (default: the main one)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
+    if args.series and not re.fullmatch(r"[a-z0-9_-]+", args.series):
+        usage_error(f"--series {args.series!r}: allowed are lower-case letters, digits, '_' and '-'")
+    args.runs_file = runs_file(args.series)
     args.lrs = [float(x) for x in args.lrs.split(",")]
     args.lora_ranks = [int(x) for x in args.lora_ranks.split(",")]
     args.seeds = [int(x) for x in args.seeds.split(",")]
@@ -460,7 +470,7 @@ def main() -> None:
         usage_error(f"--cells: unknown {', '.join(bad)} (corpus:targets, corpus in "
                          f"{', '.join(CORPORA)}, targets in {', '.join(TARGET_SETS)})")  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
-    done = done_runs()
+    done = done_runs(args.runs_file)
     t0 = time.perf_counter()
     if not args.report_only:
         base, tok = smollm2()
@@ -472,7 +482,7 @@ def main() -> None:
             cell.all_runs(done)
     runs = [r for r in done.values() if r["steps"] in (0, args.steps) and r["batch"] in (0, args.batch)]
     write_result(
-        "frontier",
+        f"frontier_{args.series}" if args.series else "frontier",
         {
             "model": "SmolLM2-135M-Instruct (GGUF dequantized to fp32; training under bf16 autocast, "
             "or in fp32 in the cells named '... fp32')",
@@ -486,9 +496,9 @@ def main() -> None:
             "seeds": args.seeds,
             "cells": summarize(runs, cells, args.seeds),
             "cells_requested": cells,
-            "runs_file": str(RUNS.relative_to(RESULTS.parent.parent))
-            if RUNS.is_relative_to(RESULTS.parent.parent)
-            else str(RUNS),
+            "runs_file": str(args.runs_file.relative_to(RESULTS.parent.parent))
+            if args.runs_file.is_relative_to(RESULTS.parent.parent)
+            else str(args.runs_file),
             "wall_seconds_this_invocation": time.perf_counter() - t0,
             "peak_rss_mb": peak_rss_mb(),
         },

@@ -181,7 +181,8 @@ def test_frontier_refuses_runs_recorded_on_another_corpus(monkeypatch, capsys):
     eval_ids = torch.randint(0, 96, (4, 16), generator=g)
     train_ids = torch.randint(0, 96, (6, 16), generator=g)
     fingerprint = frontier.corpus_fingerprint(eval_ids, Blocks.from_ids(train_ids))
-    cell = types.SimpleNamespace(name="man:qv", base=model, eval_ids=eval_ids, corpus=fingerprint)
+    args = types.SimpleNamespace(runs_file=frontier.runs_file(""))
+    cell = types.SimpleNamespace(name="man:qv", base=model, eval_ids=eval_ids, corpus=fingerprint, args=args)
     one_token_off = train_ids.clone()
     one_token_off[5, 15] = (one_token_off[5, 15] + 1) % 96
     assert frontier.corpus_fingerprint(eval_ids, Blocks.from_ids(one_token_off)) != cell.corpus
@@ -203,4 +204,8 @@ def test_frontier_refuses_runs_recorded_on_another_corpus(monkeypatch, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1
         assert err.startswith("error: --cells man:qv: this machine's corpus is not the one its runs in ")
-        assert says in err and "move that file aside" in err
+        assert says in err and "start a separate series here with --series NAME" in err
+    r = run(BENCH / "frontier.py", "--series", "Man 2", "--report-only")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --series 'Man 2': allowed are lower-case letters, digits, '_' and '-'"
+    )
