@@ -102,8 +102,13 @@ def config_name(c: tuple[str, int, int]) -> str:
     return f"lora:{c[1]}" if c[0] == "lora" else f"dsee:{c[1]}+{c[2]}"
 
 
+def result_name(series: str) -> str:
+    """The summary's name (results/NAME.json); its runs go to results/NAME_runs.jsonl."""
+    return f"frontier_{series}" if series else "frontier"
+
+
 def runs_file(series: str) -> Path:
-    return RESULTS / (f"frontier_{series}_runs.jsonl" if series else "frontier_runs.jsonl")
+    return RESULTS / f"{result_name(series)}_runs.jsonl"
 
 
 def done_runs(path: Path) -> dict[tuple, dict]:
@@ -482,7 +487,7 @@ def main() -> None:
             cell.all_runs(done)
     runs = [r for r in done.values() if r["steps"] in (0, args.steps) and r["batch"] in (0, args.batch)]
     write_result(
-        f"frontier_{args.series}" if args.series else "frontier",
+        result_name(args.series),
         {
             "model": "SmolLM2-135M-Instruct (GGUF dequantized to fp32; training under bf16 autocast, "
             "or in fp32 in the cells named '... fp32')",
@@ -496,9 +501,7 @@ def main() -> None:
             "seeds": args.seeds,
             "cells": summarize(runs, cells, args.seeds),
             "cells_requested": cells,
-            "runs_file": str(args.runs_file.relative_to(RESULTS.parent.parent))
-            if args.runs_file.is_relative_to(RESULTS.parent.parent)
-            else str(args.runs_file),
+            "runs_file": str(args.runs_file.relative_to(RESULTS.parent.parent)),
             "wall_seconds_this_invocation": time.perf_counter() - t0,
             "peak_rss_mb": peak_rss_mb(),
         },
