@@ -469,12 +469,22 @@ class Report:
             self.add(f"- `{first}` reference {ex['reference']!r}; {answers}")
         self.add("\n" + provenance(g))
 
-    def frontier(self) -> None:
+    def frontiers(self) -> None:
+        """The main frontier series, then each named one (`--series NAME`: another machine's corpus)."""
+        self.frontier("frontier")
+        for key in sorted(k for k in self.data if k.startswith("frontier_")):
+            self.frontier(key)
+
+    def frontier(self, key: str) -> None:
         """DSEE vs LoRA at equal trainable parameters, two corpora, q,v and all linear layers."""
         import matplotlib.pyplot as plt
 
-        f = self.data.get("frontier")
-        self.add("## The quality frontier: DSEE against LoRA at equal trainable parameters")
+        f = self.data.get(key)
+        series = key.removeprefix("frontier").removeprefix("_")
+        self.add(
+            "## The quality frontier: DSEE against LoRA at equal trainable parameters"
+            + (f" (series `{series}`: its own corpus, `--series {series}`)" if series else "")
+        )
         if not f:
             self.add("Not run (`python bench/frontier.py`).")
             return
@@ -533,7 +543,8 @@ class Report:
                                     (q["trainable"], q["perplexity_mean"]), fontsize=6)  # fmt: skip
             ax.set_xscale("log"), ax.set_title(name, fontsize=9), ax.set_xlabel("trainable parameters")
             ax.set_ylabel("held-out perplexity"), ax.legend(fontsize=7)
-        self.save(fig, "frontier", f, "Held-out perplexity vs trainable parameters (mean +- sd over seeds)")
+        title = "Held-out perplexity vs trainable parameters (mean +- sd over seeds)"
+        self.save(fig, key, f, title + (f", series {series}" if series else ""))
 
     def aims(self) -> None:
         """The issue's targets, met or missed, computed from the results."""
@@ -705,7 +716,7 @@ class Report:
         self.speed()
         self.deployment()
         self.instruct()
-        self.frontier()
+        self.frontiers()
         self.prune_recovery()
         self.sparsity_speed()
         self.scale_7b()

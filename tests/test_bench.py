@@ -36,6 +36,7 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
         "quality",
         "quality_seed1",
         "frontier",
+        "frontier_man2",
         "prune_recovery",
     ):
         shutil.copy(BENCH / "results" / f"{name}.json", results)
@@ -55,7 +56,9 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
     lora = q["lora_r8"]["heldout_perplexity"] >= q["dsee_grebsmo"]["heldout_perplexity"]
     assert f"trainable): **{'met' if lora else 'missed'}**" in text
     f = json.loads((results / "frontier.json").read_text())
-    for cell in f["cells"].values():  # the paired comparisons as measured, each with its interval
+    series = json.loads((results / "frontier_man2.json").read_text())  # a --series of its own corpus
+    assert "(series `man2`: its own corpus, `--series man2`)" in text
+    for cell in [*f["cells"].values(), *series["cells"].values()]:  # each pairing, with its interval
         for x in cell["paired"]:
             lo, hi = x["perplexity_ratio_ci95"]
             assert (
@@ -76,6 +79,7 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
         "heatmap_layer_sparsity.png",
         "heatmap_head_importance.png",
         "frontier.png",
+        "frontier_man2.png",
     } <= set(pngs)
     (results / "quality.json").unlink()
     assert run(BENCH / "report.py", "--results", results, "--out", tmp_path / "R2.md").returncode == 0
