@@ -59,6 +59,7 @@ import torch
 from common import (
     RESULTS,
     block_losses,
+    command,
     manpages_corpus,
     peak_rss_mb,
     smollm2,
@@ -240,6 +241,7 @@ class Cell:
             block_losses=losses,
             train_losses=t["losses"],
             seconds=time.perf_counter() - t0,
+            command=command(),
         )
         with a.runs_file.open("a") as f:
             f.write(json.dumps(run) + "\n")
@@ -342,7 +344,8 @@ def base_run(cell: Cell, done: dict) -> dict:
         return done[run_key(spec)]
     losses = block_losses(cell.base, cell.eval_ids)
     run = dict(spec, corpus=cell.corpus, trainable=0, density=0.0, eval_loss=statistics.fmean(losses),
-               heldout_perplexity=math.exp(statistics.fmean(losses)), block_losses=losses)  # fmt: skip
+               heldout_perplexity=math.exp(statistics.fmean(losses)), block_losses=losses,
+               command=command())  # fmt: skip
     with cell.args.runs_file.open("a") as f:
         f.write(json.dumps(run) + "\n")
     done[run_key(run)] = run
@@ -502,6 +505,8 @@ def main() -> None:
             "cells": summarize(runs, cells, args.seeds),
             "cells_requested": cells,
             "runs_file": str(args.runs_file.relative_to(RESULTS.parent.parent)),
+            # every invocation that made these runs (runs recorded before commands were kept have none)
+            "run_commands": list(dict.fromkeys(r["command"] for r in runs if r.get("command"))),
             "wall_seconds_this_invocation": time.perf_counter() - t0,
             "peak_rss_mb": peak_rss_mb(),
         },

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +31,12 @@ def provenance(res: dict) -> str:
     )
 
 
-def fig_footer(fig, res: dict) -> None:
-    fig.text(0.01, 0.005, provenance(res).replace("`", ""), fontsize=6, color="0.35", wrap=True)
+def fig_footer(fig, res: dict) -> float:
+    """Write the provenance under the axes; return the share of the figure's height it takes."""
+    width_in, height_in = fig.get_size_inches()
+    lines = textwrap.wrap(provenance(res).replace("`", ""), width=int(width_in * 24))
+    fig.text(0.01, 0.005, "\n".join(lines), fontsize=6, color="0.35", va="bottom")
+    return (len(lines) * 6 * 1.25 + 4) / (height_in * 72)
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -64,8 +69,7 @@ class Report:
     def save(self, fig, name: str, res: dict, title: str) -> None:
         import matplotlib.pyplot as plt
 
-        fig_footer(fig, res)
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        fig.tight_layout(rect=(0, fig_footer(fig, res), 1, 1))
         path = self.plots / f"{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -478,6 +482,7 @@ class Report:
     def frontier(self, key: str) -> None:
         """DSEE vs LoRA at equal trainable parameters, two corpora, q,v and all linear layers."""
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
 
         f = self.data.get(key)
         series = key.removeprefix("frontier").removeprefix("_")
@@ -499,6 +504,8 @@ class Report:
             "order). Paired: DSEE r+k minus LoRA (r+k) per held-out block and seed, two-level "
             "bootstrap 95% interval; a ratio below 1 favours DSEE.\n"
         )  # fmt: skip
+        if f.get("run_commands"):
+            self.add("Runs made by: " + "; ".join(f"`{c}`" for c in f["run_commands"]) + ".\n")
         cells = f["cells"]
         run = {name.split()[0] for name in cells}  # "man:qv fp32" is a run of man:qv
         missing = [c for c in f.get("cells_requested", []) if c not in run]
@@ -542,6 +549,7 @@ class Report:
                         ax.annotate(q["label"].replace("LoRA ", "").replace("DSEE ", ""),
                                     (q["trainable"], q["perplexity_mean"]), fontsize=6)  # fmt: skip
             ax.set_xscale("log"), ax.set_title(name, fontsize=9), ax.set_xlabel("trainable parameters")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the 2x/3x/... labels of a short log axis collide
             ax.set_ylabel("held-out perplexity"), ax.legend(fontsize=7)
         title = "Held-out perplexity vs trainable parameters (mean +- sd over seeds)"
         self.save(fig, key, f, title + (f", series {series}" if series else ""))

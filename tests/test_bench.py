@@ -64,6 +64,9 @@ def test_report_tables_and_plots_come_from_the_results(tmp_path):
             assert (
                 f"| {x['dsee']} | {x['lora']} | {x['perplexity_ratio']:,.3f} | [{lo:.4f}, {hi:.4f}] |" in text
             )
+    for res in (f, series):  # every invocation that made the runs, where the runs recorded it
+        for c in res.get("run_commands", []):
+            assert f"`{c}`" in text, c
     ran = {name.split()[0] for name in f["cells"]}  # "man:qv fp32" is a run of man:qv
     missing = [c for c in f["cells_requested"] if c not in ran]
     assert ran and (f"Not run yet: {', '.join(missing)} (" in text if missing else "Not run yet:" not in text)
